@@ -1,0 +1,171 @@
+"""Measure what each engine step did to the training labels, against the corpus truth.
+
+This is evaluation code: it is the only part of the engine that reads the ``truth`` field of
+``{key}.json`` (the engine itself sees images and captions only, as with web data). Truth tag
+names are mapped to label-system ids; truth names the label system does not know cannot be
+learned from these labels and are left out of recall (their count is reported).
+
+Precision and recall are micro-averaged over (image, tag) pairs:
+``precision = |labels & truth| / |labels|``, ``recall = |labels & truth| / |truth in vocab|``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_engine.formats import TRUTH_FIELD
+
+log = logging.getLogger(__name__)
+
+
+def load_truth(shards: Iterable[Path], keys: set[str] | None = None) -> dict[str, list[str]]:
+    """``key -> truth["tags"]`` from the ``{key}.json`` members (images are not decoded).
+
+    Samples without a ``truth`` field (web data) are absent from the result.
+    """
+    out: dict[str, list[str]] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".json"):
+                    continue
+                key = Path(member.name).name.split(".", 1)[0]
+                if keys is not None and key not in keys:
+                    continue
+                meta = json.loads(tar.extractfile(member).read())
+                truth = meta.get(TRUTH_FIELD)
+                if truth is not None:
+                    out[key] = list(truth.get("tags", []))
+    return out
+
+
+def truth_ids(truth: Mapping[str, Sequence[str]], id_of) -> tuple[dict[str, set[int]], int]:
+    """Map truth names to ids with ``id_of(name) -> int | None``; returns (ids, out-of-vocab count)."""
+    ids: dict[str, set[int]] = {}
+    oov = 0
+    for key, names in truth.items():
+        s = set()
+        for name in names:
+            i = id_of(name)
+            if i is None:
+                oov += 1
+            else:
+                s.add(int(i))
+        ids[key] = s
+    return ids, oov
+
+
+def precision_recall(labels: Mapping[str, Iterable[int]], truth: Mapping[str, set[int]]) -> dict[str, float]:
+    """Micro precision / recall / F1 of ``labels`` over the keys that have truth."""
+    tp = n_pred = n_true = 0
+    for key, t in truth.items():
+        pred = set(labels.get(key, ()))
+        tp += len(pred & t)
+        n_pred += len(pred)
+        n_true += len(t)
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_true if n_true else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f1, "labels": n_pred, "truth": n_true, "correct": tp,
+            "images": len(truth)}
+
+
+def per_tag_changes(
+    added: Mapping[str, Iterable[int]],
+    removed: Mapping[str, Iterable[int]],
+    names: Sequence[str],
+    truth: Mapping[str, set[int]] | None = None,
+) -> list[dict]:
+    """Per tag: how many times it was added / removed, and (with truth) how many were right.
+
+    A right addition adds a tag the image has; a right removal removes one it does not have.
+    """
+    rows: dict[int, Counter] = {}
+    for kind, mapping in (("added", added), ("removed", removed)):
+        for key, ids in mapping.items():
+            t = truth.get(key) if truth is not None else None
+            for i in ids:
+                c = rows.setdefault(int(i), Counter())
+                c[kind] += 1
+                if t is not None:
+                    right = (i in t) if kind == "added" else (i not in t)
+                    c[f"{kind}_right"] += int(right)
+    out = []
+    for i, c in sorted(rows.items(), key=lambda kv: -(kv[1]["added"] + kv[1]["removed"])):
+        row = {"tag": names[i] if i < len(names) else str(i), "id": i, "added": c["added"], "removed": c["removed"]}
+        if truth is not None:
+            row["added_right"] = c["added_right"]
+            row["removed_right"] = c["removed_right"]
+        out.append(row)
+    return out
+
+
+def crop_figure(
+    rows: Sequence[tuple[str, Sequence[Image.Image], Sequence[Image.Image]]],
+    path: Path,
+    per_side: int = 6,
+    thumb: int = 72,
+) -> Path:
+    """Grid PNG: one row per tag, ``per_side`` kept crops (left) then removed crops (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n_rows = max(1, len(rows))
+    n_cols = 2 * per_side
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.25 * n_rows + 0.4), squeeze=False)
+    blank = np.full((thumb, thumb, 3), 255, dtype=np.uint8)
+    for r in range(n_rows):
+        name, kept, removed = rows[r] if rows else ("(no cleaned tags)", [], [])
+        for c in range(n_cols):
+            ax = axes[r][c]
+            side = kept if c < per_side else removed
+            j = c if c < per_side else c - per_side
+            img = np.asarray(side[j].convert("RGB").resize((thumb, thumb))) if j < len(side) else blank
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            color = "tab:green" if c < per_side else "tab:red"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color if j < len(side) else "white")
+                spine.set_linewidth(2)
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("engine cleaning: kept crops (green, left) | removed crops (red, right)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def load_images(shards: Iterable[Path], keys: set[str]) -> dict[str, Image.Image]:
+    """Decode only the wanted ``{key}.jpg`` members (second pass for the crop figure)."""
+    out: dict[str, Image.Image] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = Path(member.name).name.partition(".")
+                if key in keys and ext.lower() in ("jpg", "jpeg", "png"):
+                    out[key] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+        if len(out) == len(keys):
+            break
+    return out
+
+
+def write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
+    return path
