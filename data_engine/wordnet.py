@@ -7,8 +7,8 @@ by default), writes ``lexnames`` (the 45 lexicographer file names, in WordNet's 
 and an empty ``index.sense``. It is idempotent and cheap after the first call, so callers use
 it lazily; nothing is downloaded.
 
-:func:`load_wordnet` returns a ``WordNetCorpusReader`` built on that folder directly, without
-touching ``nltk.data.path`` (no global state is changed).
+:func:`load_wordnet` returns a ``WordNetCorpusReader`` built on that folder (registered in
+``nltk.data.path``, which NLTK's path sentinel requires).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,21 @@ def ensure_wordnet(nltk_data: str | os.PathLike | None = None,
 
 
 def load_wordnet(nltk_data: str | os.PathLike | None = None):
-    """A ready ``nltk.corpus.reader.WordNetCorpusReader`` (no Open Multilingual WordNet)."""
+    """A ready ``nltk.corpus.reader.WordNetCorpusReader`` (no Open Multilingual WordNet).
+
+    NLTK's path sentinel only opens files below a folder listed in ``nltk.data.path``, so the
+    nltk_data folder is appended there once (NLTK's own search list; nothing else changes).
+    """
+    import nltk.data
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     root = ensure_wordnet(nltk_data)
-    return WordNetCorpusReader(str(root), None)
+    data_dir = str(root.parent.parent.resolve())
+    if data_dir not in nltk.data.path:
+        nltk.data.path.append(data_dir)
+    with warnings.catch_warnings():  # "multilingual functions are not available": expected, no OMW
+        warnings.filterwarnings("ignore", message="The multilingual functions", category=UserWarning)
+        return WordNetCorpusReader(str(root), None)
 
 
 def multiword_nouns(nltk_data: str | os.PathLike | None = None) -> frozenset[str]:

@@ -107,19 +107,27 @@ class CleaningResult:
 
 
 def kmeans_outliers(
-    embeddings: np.ndarray, n_clusters: int, fraction: float, z: float, seed: int = 0
+    embeddings: np.ndarray, n_clusters: int, fraction: float, z: float, seed: int = 0,
+    min_cluster_fraction: float = 0.05,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Outlier mask and distance to the nearest centroid for one tag's crops.
 
     ``embeddings``: ``[n, D]``; rows are L2-normalised first so distances compare directions
-    (cosine geometry), which is what the encoder's pooled features mean.
+    (cosine geometry), which is what the encoder's pooled features mean. k-means happily gives
+    a far-away crop a centroid of its own (distance 0), so centroids of clusters holding fewer
+    than ``max(2, min_cluster_fraction * n)`` crops do not count: their members are measured
+    against the nearest real cluster.
     """
     x = np.asarray(embeddings, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
     n = len(x)
     k = max(1, min(n_clusters, n // 2))
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(x)
-    dist = np.min(km.transform(x), axis=1).astype(np.float32)  # [n]
+    sizes = np.bincount(km.labels_, minlength=k)                    # [k]
+    real = sizes >= max(2.0, min_cluster_fraction * n)
+    if not real.any():
+        real = sizes == sizes.max()
+    dist = np.min(km.transform(x)[:, real], axis=1).astype(np.float32)  # [n]
     n_cand = int(np.floor(fraction * n))
     out = np.zeros(n, dtype=bool)
     if n_cand == 0:
@@ -142,6 +150,7 @@ def clean_tags(
     outlier_z: float = 2.0,
     rescore_scale: float = 0.5,
     min_count: int = 20,
+    min_cluster_fraction: float = 0.05,
     use_outliers: bool = True,
     use_rescore: bool = True,
     seed: int = 0,
@@ -162,7 +171,8 @@ def clean_tags(
             continue
         low = (probs[idx] < rescore_scale * float(thresholds[tag])) if use_rescore else np.zeros(count, bool)
         if use_outliers:
-            out, dist = kmeans_outliers(emb[idx], n_clusters, outlier_fraction, outlier_z, seed)
+            out, dist = kmeans_outliers(emb[idx], n_clusters, outlier_fraction, outlier_z, seed,
+                                        min_cluster_fraction)
             distance[idx] = dist
         else:
             out = np.zeros(count, bool)

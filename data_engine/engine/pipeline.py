@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,9 +36,6 @@ from .generation import GeneratedLabels, generate_labels
 from .regions import attention_to_box, crop_image, to_tensor
 
 log = logging.getLogger(__name__)
-
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
 
 @dataclass
 class Sample:
@@ -73,30 +69,22 @@ class StreamState:
 
 
 def iter_shard_samples(shards: Iterable[Path], skipped: Counter) -> Iterator[Sample]:
-    """Decode ``{key}.jpg`` of each sample in the shards (the engine reads no metadata).
+    """Decode the image of each sample in the shards (the engine uses no caption or metadata).
 
-    Undecodable images and samples without an image are skipped and counted by reason.
+    Reads with the shared reader (:func:`data_engine.shards.iter_samples`); undecodable
+    images are skipped and counted (``bad_image``).
     """
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            seen: dict[str, bool] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                seen.setdefault(key, False)
-                if ext.lower() not in _IMAGE_EXTS:
-                    continue
-                seen[key] = True
-                try:
-                    image = Image.open(io.BytesIO(tar.extractfile(member).read()))
-                    image.load()
-                except Exception as err:  # noqa: BLE001 - any decode failure is one skip reason
-                    log.debug("skip %s: %s", key, err)
-                    skipped["bad_image"] += 1
-                    continue
-                yield Sample(key=key, image=image.convert("RGB"))
-            skipped["no_image"] += sum(1 for has in seen.values() if not has)
+    from data_engine.shards import iter_samples
+
+    for sample in iter_samples(shards, decode=False):
+        try:
+            with Image.open(io.BytesIO(sample.image)) as im:
+                image = im.convert("RGB")
+        except Exception as err:  # noqa: BLE001 - any decode failure is one skip reason
+            log.debug("skip %s: %s", sample.key, err)
+            skipped["bad_image"] += 1
+            continue
+        yield Sample(key=sample.key, image=image)
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,23 +27,19 @@ log = logging.getLogger(__name__)
 
 
 def load_truth(shards: Iterable[Path], keys: set[str] | None = None) -> dict[str, list[str]]:
-    """``key -> truth["tags"]`` from the ``{key}.json`` members (images are not decoded).
+    """``key -> truth["tags"]`` from each sample's ``{key}.json`` (images are not decoded).
 
     Samples without a ``truth`` field (web data) are absent from the result.
     """
+    from data_engine.shards import iter_samples
+
     out: dict[str, list[str]] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                key = Path(member.name).name.split(".", 1)[0]
-                if keys is not None and key not in keys:
-                    continue
-                meta = json.loads(tar.extractfile(member).read())
-                truth = meta.get(TRUTH_FIELD)
-                if truth is not None:
-                    out[key] = list(truth.get("tags", []))
+    for sample in iter_samples(shards, decode=False):
+        if keys is not None and sample.key not in keys:
+            continue
+        truth = sample.meta.get(TRUTH_FIELD)
+        if truth is not None:
+            out[sample.key] = list(truth.get("tags", []))
     return out
 
 
@@ -150,18 +145,16 @@ def crop_figure(
 
 
 def load_images(shards: Iterable[Path], keys: set[str]) -> dict[str, Image.Image]:
-    """Decode only the wanted ``{key}.jpg`` members (second pass for the crop figure)."""
+    """Decode only the wanted images (second pass for the crop figure)."""
+    from data_engine.shards import iter_samples
+
     out: dict[str, Image.Image] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                if key in keys and ext.lower() in ("jpg", "jpeg", "png"):
-                    out[key] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-        if len(out) == len(keys):
-            break
+    for sample in iter_samples(shards, decode=False):
+        if sample.key in keys:
+            with Image.open(io.BytesIO(sample.image)) as im:
+                out[sample.key] = im.convert("RGB")
+            if len(out) == len(keys):
+                break
     return out
 
 

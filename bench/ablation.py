@@ -1,0 +1,179 @@
+"""Ablation of the data engine: what each engine step buys in test mAP.
+
+Pipeline (all measured in this run, on one data root with ingested splits, parsed labels and
+the label system):
+
+1. preliminary model: trained on parsed caption labels (``labels/pretrain.parquet``), or
+   reused from ``models/preliminary_model`` with ``--reuse-preliminary``;
+2. ONE engine pass over ``pretrain`` serving four variants (:func:`run_engine_variants`):
+   ``full`` (generation + captioning branch + cleaning), ``generation_only``,
+   ``cleaning_only`` (cleaning of the parsed labels) and ``no_captioning``;
+3. retrain on each variant's ``union_label_ids`` (the ``retrained_model`` recipe);
+   "engine off" retrains on parsed labels, which is the preliminary recipe on the same data, so
+   the preliminary checkpoint is that model (said so in the table);
+4. fine-tune every retrained model on ``finetune`` (the ``finetuned_model`` recipe);
+5. evaluate every model on ``test`` and write one table (markdown + JSON):
+   preliminary, retrained (= "no fine-tune"), fine-tuned, and the ablations engine off,
+   generation only, cleaning only, captioning branch off, with the engine's training-label
+   precision/recall against truth next to each.
+
+Training settings come from params.yaml (``preliminary_model``, ``retrained_model``,
+``finetuned_model``); ``--train-set key=value`` / ``--finetune-set key=value`` override them
+(e.g. ``--train-set epochs=2`` to keep the whole ablation near 30 minutes on 2 CPU cores).
+
+Usage::
+
+    .venv/bin/python bench/ablation.py --root data --out-dir bench/results/ablation \\
+        --reuse-preliminary --train-set epochs=3 --finetune-set epochs=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_engine import formats  # noqa: E402
+from data_engine.engine import EngineConfig, run_engine_variants  # noqa: E402
+from data_engine.params import stage_config  # noqa: E402
+
+log = logging.getLogger("ablation")
+
+VARIANTS: dict[str, dict] = {
+    "full": {},
+    "generation_only": {"cleaning": False},
+    "cleaning_only": {"generation": False},
+    "no_captioning": {"captioning": False},
+}
+
+ROWS: list[tuple[str, str, str]] = [
+    # (row name, model id, what it is)
+    ("preliminary", "preliminary", "parsed caption labels, no engine, no fine-tune"),
+    ("retrained (no fine-tune)", "retrained_full", "full engine labels, no fine-tune"),
+    ("fine-tuned", "finetuned_full", "full engine labels + fine-tune (the pipeline's model)"),
+    ("ablation: engine off", "finetuned_engine_off", "parsed labels (= preliminary) + fine-tune"),
+    ("ablation: generation only", "finetuned_generation_only", "generation, no cleaning + fine-tune"),
+    ("ablation: cleaning only", "finetuned_cleaning_only", "cleaning of parsed labels + fine-tune"),
+    ("ablation: captioning branch off", "finetuned_no_captioning", "tagging generation + cleaning + fine-tune"),
+]
+ENGINE_OF = {"retrained_full": "full", "finetuned_full": "full", "finetuned_generation_only": "generation_only",
+             "finetuned_cleaning_only": "cleaning_only", "finetuned_no_captioning": "no_captioning"}
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"override {pair!r} is not key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _train(stage: str, params, overrides: dict, root: Path, out_dir: Path, labels: Path, init_from: Path | None):
+    from ram_model.train_stage import TrainStageConfig, train_stage
+
+    cfg = stage_config(TrainStageConfig, stage, params, **overrides)
+    t0 = time.perf_counter()
+    result = train_stage(cfg, root, out_dir, labels, init_from, None)
+    log.info("trained %s in %.0fs -> %s", out_dir.name, time.perf_counter() - t0, result.checkpoint)
+    return out_dir, time.perf_counter() - t0
+
+
+def _evaluate(models: dict[str, Path], root: Path, params, out_dir: Path) -> dict[str, dict]:
+    """Test metrics per model through the evaluation package (mAP and friends)."""
+    from ram_model.evaluate import EvaluationConfig, evaluate_models
+
+    cfg = stage_config(EvaluationConfig, "evaluation", params)
+    report = evaluate_models(models, root, cfg, out_dir)
+    data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
+    return data["models"]
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    cols = ["row", "test_mAP", "test_F1", "label_precision", "label_recall", "train_s", "what"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md = out_dir / "ablation.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    js = out_dir / "ablation.json"
+    js.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return md, js
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("data"))
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--out-dir", type=Path, default=Path("bench/results/ablation"))
+    ap.add_argument("--reuse-preliminary", action="store_true", help="use models/preliminary_model if present")
+    ap.add_argument("--train-set", nargs="*", default=[], help="retrain overrides key=value")
+    ap.add_argument("--finetune-set", nargs="*", default=[], help="fine-tune overrides key=value")
+    ap.add_argument("--engine-set", nargs="*", default=[], help="engine overrides key=value")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out, root = args.out_dir, args.root
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    train_o, ft_o = _overrides(args.train_set), _overrides(args.finetune_set)
+    models: dict[str, Path] = {}
+    train_s: dict[str, float] = {}
+
+    prelim = formats.model_dir(root, "preliminary_model")
+    if not (args.reuse_preliminary and prelim.exists()):
+        prelim, train_s["preliminary"] = _train("preliminary_model", args.params, train_o, root,
+                                                out / "models" / "preliminary", formats.labels_path(root, "pretrain"),
+                                                None)
+    models["preliminary"] = prelim
+
+    base = stage_config(EngineConfig, "engine", args.params, **_overrides(args.engine_set))
+    variants = {name: base.model_copy(update=upd) for name, upd in VARIANTS.items()}
+    engine = run_engine_variants(
+        prelim, root, "pretrain", formats.labels_path(root, "pretrain"), formats.label_system_dir(root), variants,
+        {n: out / "engine" / f"{n}.parquet" for n in variants}, {n: out / "engine_report" / n for n in variants})
+
+    finetune_labels = formats.labels_path(root, "finetune")
+    retrained = {"engine_off": prelim}
+    for name in variants:
+        models[f"retrained_{name}"], train_s[f"retrained_{name}"] = _train(
+            "retrained_model", args.params, train_o, root, out / "models" / f"retrained_{name}",
+            Path(engine[name].out_path), None)
+        retrained[name] = models[f"retrained_{name}"]
+    for name, init in retrained.items():
+        models[f"finetuned_{name}"], train_s[f"finetuned_{name}"] = _train(
+            "finetuned_model", args.params, ft_o, root, out / "models" / f"finetuned_{name}", finetune_labels, init)
+
+    wanted = {mid for _, mid, _ in ROWS}
+    metrics = _evaluate({k: v for k, v in models.items() if k in wanted}, root, args.params, out / "evaluation")
+    parsed_m = engine["full"].metrics.get("parsed", {})
+    rows = []
+    for row, mid, what in ROWS:
+        m = metrics.get(mid, {})
+        eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
+        rows.append({
+            "row": row, "model": mid, "what": what,
+            "test_mAP": m.get("mAP", m.get("map")), "test_F1": m.get("F1", m.get("f1")),
+            "label_precision": eng.get("precision"), "label_recall": eng.get("recall"),
+            "train_s": train_s.get(mid),
+        })
+    md, js = write_table(rows, out)
+    (out / "engine_variants.json").write_text(
+        json.dumps({n: r.model_dump() for n, r in engine.items()}, indent=2), encoding="utf-8")
+    print(md.read_text())
+    print(f"total {time.perf_counter() - t_start:.0f}s; table: {md}, {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

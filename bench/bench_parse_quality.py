@@ -1,0 +1,94 @@
+"""COCO-80 object recovery from real captions: ramflow parser vs SceneGraphParser.
+
+Scoring reference: /work/shared/tools/parse_eval (its coco80_synonyms.json matcher, dev/holdout
+split and `--parser cmd` adapter), so the figures compare with that harness's README table.
+
+Steps: (1) parse the 25k COCO val2017 captions and build a label system from them (seeds +
+frequent tags + synonyms, as the pipeline does); (2) run the harness on coco_dev with
+`ramflow parse --label-system DIR` (persistent cmd adapter) and with its built-in `sng`
+adapter; (3) print P / R / F1 side by side.
+
+    .venv/bin/python bench/bench_parse_quality.py [--harness DIR] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_reference_label_system(captions_json: Path, work: Path, n_process: int) -> Path:
+    """Parse real captions into a parsed parquet and build a label system from it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_engine.label_system import LabelSystemConfig, build_label_system
+    from data_engine.parsing import ParseConfig, ParserPool
+
+    caps = [a["caption"] for a in json.loads(captions_json.read_text())["annotations"]]
+    with ParserPool(ParseConfig(n_process=n_process)) as pool:
+        res = list(pool.parse_stream(caps))
+    table = pa.table({"key": [str(i) for i in range(len(caps))], "caption": caps,
+                      "tags": [r.tags for r in res], "categories": [r.categories for r in res],
+                      "status": [r.status for r in res]})
+    parsed = work / "parsed.parquet"
+    pq.write_table(table, parsed)
+    out = work / "label_system"
+    ls = build_label_system([parsed], LabelSystemConfig(), out)
+    print(f"label system from {len(caps)} captions: {len(ls)} labels -> {out}", flush=True)
+    return out
+
+
+def run_harness(harness: Path, args: list[str], json_out: Path) -> dict:
+    cmd = [sys.executable, str(harness / "parse_eval.py"), *args, "--json-out", str(json_out)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(json_out.read_text())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--harness", type=Path, default=Path("/work/shared/tools/parse_eval"))
+    ap.add_argument("--captions", type=Path,
+                    default=Path("/work/shared/data/captions/coco_captions_val2017.json"))
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--n-process", type=int, default=2)
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_parse_quality_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ls_dir = build_reference_label_system(args.captions, work, args.n_process)
+    ours_raw = run_harness(args.harness, ["--parser", "cmd", "--cmd-persistent", "--cmd",
+                                          f"{sys.executable} -m orchestration.cli parse"],
+                           work / "ours_raw.json")
+    ours = run_harness(args.harness, ["--parser", "cmd", "--cmd-persistent", "--cmd",
+                                      f"{sys.executable} -m orchestration.cli parse "
+                                      f"--label-system {ls_dir}", "--dump", str(work / "ours.jsonl")],
+                       work / "ours.json")
+    sng = run_harness(args.harness, ["--parser", "sng"], work / "sng.json")
+    rows = {"ramflow+labels": ours, "ramflow raw": ours_raw, "sng": sng}
+    print(f"\n{'split':<8} {'parser':<16} {'P':>6} {'R':>6} {'F1':>6} {'mentR':>6}  TP/FP/FN")
+    summary = {}
+    for split in ("dev", "holdout"):
+        for name, res in rows.items():
+            m = res["eval"][split]["parser"]
+            summary[f"{split}/{name}"] = {k: m[k] for k in ("precision", "recall", "f1", "mention_recall",
+                                                            "tp", "fp", "fn")}
+            print(f"{split:<8} {name:<16} {m['precision']:>6.3f} {m['recall']:>6.3f} {m['f1']:>6.3f} "
+                  f"{m['mention_recall']:>6.3f}  {m['tp']}/{m['fp']}/{m['fn']}")
+        o = ours["eval"][split]["oracle"]
+        print(f"{split:<8} {'oracle-mention':<16} {o['precision']:>6.3f} {o['recall']:>6.3f} {o['f1']:>6.3f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The pipeline's shape: stage names, what each reads, which params it uses, what it writes.
+
+One table, read by the Dagster definitions (asset deps) and checked against ``dvc.yaml``
+(tests/test_dvc_parity.py), so both tools run the same graph. Paths are relative to the
+data root (``paths.data_root``); every stage also writes ``reports/{name}.json`` (its
+metrics, the metadata Dagster shows) and may write pictures under ``plots/{name}/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    upstream: tuple[str, ...]     # stages whose outputs this stage reads
+    params: tuple[str, ...]       # params.yaml sections it depends on
+    outs: tuple[str, ...]         # folders it writes (relative to the data root)
+    partitioned: bool = False     # one Dagster partition per raw shard
+    description: str = ""
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("raw_pairs", (), ("corpus", "ingest"), ("raw",), True,
+              "image-text pairs as webdataset shards + manifest (embedded corpus or user data)"),
+    StageSpec("parsed_tags", ("raw_pairs",), ("parse",), ("parsed",), True,
+              "captions parsed into tag strings, per shard then merged per split"),
+    StageSpec("label_system", ("parsed_tags",), ("label_system",), ("label_system", "labels"), False,
+              "unified label system (ids, synonyms) and the parse label ids of every split"),
+    StageSpec("preliminary_model", ("raw_pairs", "label_system"), ("preliminary_model",),
+              ("models/preliminary_model",), False, "tagging + captioning model trained on parsed tags"),
+    StageSpec("engine_cleaned_data", ("raw_pairs", "label_system", "preliminary_model"), ("engine",),
+              ("engine",), False, "data engine: generated missing tags, cleaned wrong ones"),
+    StageSpec("retrained_model", ("raw_pairs", "label_system", "engine_cleaned_data"), ("retrained_model",),
+              ("models/retrained_model",), False, "same recipe retrained on engine-cleaned labels"),
+    StageSpec("finetuned_model", ("raw_pairs", "label_system", "retrained_model"), ("finetuned_model",),
+              ("models/finetuned_model",), False, "short fine-tune on the clean finetune split"),
+    StageSpec("evaluation_report",
+              ("raw_pairs", "label_system", "preliminary_model", "retrained_model", "finetuned_model"),
+              ("evaluation",), ("evaluation",), False,
+              "mAP / P / R / F1 of the three models on the test split"),
+    StageSpec("registered_model", ("finetuned_model", "evaluation_report"), ("registry",),
+              ("registry",), False, "registered as challenger; promoted to champion by the gate"),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage_spec(name: str) -> StageSpec:
+    for spec in STAGES:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def report_path(root: str | Path, stage: str) -> Path:
+    """``reports/{stage}.json``: the stage's metrics (DVC metrics, Dagster metadata)."""
+    return Path(root) / "reports" / f"{stage}.json"
+
+
+def plots_dir(root: str | Path, stage: str) -> Path:
+    return Path(root) / "plots" / stage
+
+
+def downstream(name: str) -> set[str]:
+    """Stages that (transitively) read ``name``'s outputs."""
+    found: set[str] = set()
+    frontier = {name}
+    while frontier:
+        nxt = {s.name for s in STAGES if set(s.upstream) & frontier} - found
+        found |= nxt
+        frontier = nxt
+    return found

@@ -1,0 +1,83 @@
+"""Plain settings shared by the Dagster assets and ``ramflow stage`` (no Dagster import here).
+
+``paths:`` and ``registry:`` of params.yaml are validated by :class:`PathsConfig` and
+:class:`RegistryConfig`; the other sections belong to the stage packages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from data_engine.params import stage_config
+
+
+class PathsConfig(BaseModel):
+    """``paths:`` in params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_root: str = Field("data", description="every stage reads and writes below this folder")
+
+
+class RegistryConfig(BaseModel):
+    """``registry:`` in params.yaml: the MLflow registered model and its promotion gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = "ram-tagger"
+    challenger_alias: str = "challenger"
+    champion_alias: str = "champion"
+    metric: str = Field("mAP", description="evaluation metric the gate compares")
+    tolerance: float = Field(
+        0.0, ge=0.0, description="promote when challenger metric >= champion metric - tolerance"
+    )
+
+
+def paths_config(params_path: str | os.PathLike | None = None) -> PathsConfig:
+    return stage_config(PathsConfig, "paths", params_path)
+
+
+def registry_config(params_path: str | os.PathLike | None = None) -> RegistryConfig:
+    return stage_config(RegistryConfig, "registry", params_path)
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    tracking_uri: str | None = None      # None: sqlite:///{data_root}/mlflow/mlflow.db
+    experiment: str = "ramflow"
+    parent_run_id: str | None = None     # None: the data root's pipeline run (created on demand)
+
+
+@dataclass(frozen=True)
+class LauncherSettings:
+    mode: Literal["torch", "deepspeed"] = "torch"
+    nproc: int = 2
+    timeout_s: int = 3600
+
+
+@dataclass(frozen=True)
+class StageEnv:
+    """Everything a stage needs besides its own params section."""
+
+    data_root: Path
+    params_path: Path
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    launcher: LauncherSettings = field(default_factory=LauncherSettings)
+
+    @classmethod
+    def from_params(cls, params_path: str | os.PathLike | None = None, data_root: str | None = None,
+                    mlflow: MlflowSettings | None = None,
+                    launcher: LauncherSettings | None = None) -> StageEnv:
+        from data_engine.params import default_params_path
+
+        params = Path(params_path) if params_path is not None else default_params_path()
+        root = Path(data_root or paths_config(params).data_root).resolve()
+        return cls(root, params, mlflow or MlflowSettings(), launcher or LauncherSettings())
+
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.data_root / 'mlflow' / 'mlflow.db'}"

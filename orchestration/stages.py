@@ -1,0 +1,359 @@
+"""The stage layer: one function per pipeline stage, shared by Dagster assets and DVC.
+
+Each ``run_<stage>(env, keys=None, overrides=None)`` loads its params section into the
+owning package's pydantic config, calls that package's stage function with explicit paths
+below ``env.data_root`` and writes ``reports/{stage}.json``; it returns a
+:class:`StageOutcome` (flat metrics, plots, MLflow run id) that Dagster turns into metadata.
+Nothing here computes results itself: counts and metrics are what the stage functions return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_engine import formats
+from data_engine.params import load_params, stage_config
+
+from .model_registry import pipeline_run_id, register_and_gate, write_json
+from .partitions import group_by_split, shard_key, shard_keys
+from .pipeline import STAGE_NAMES, plots_dir, report_path
+from .settings import StageEnv, registry_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    metrics: dict[str, Any] = field(default_factory=dict)   # flat scalars (Dagster metadata, DVC metrics)
+    details: dict[str, Any] = field(default_factory=dict)   # nested, JSON-able
+    plots: list[str] = field(default_factory=list)          # PNG paths
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "metrics": self.metrics, "details": self.details, "plots": self.plots,
+                "mlflow_run_id": self.mlflow_run_id, "seconds": round(self.seconds, 3)}
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return _jsonable(value.model_dump())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable({k: getattr(value, k) for k in value.__dataclass_fields__})
+    return value
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    """Flatten nested dicts of scalars into ``a/b`` keys (metadata and DVC metrics)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}/{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (int, float, str, bool)) or value is None:
+        out[prefix] = value
+
+
+def _cfg(cls, section: str, env: StageEnv, overrides: dict | None):
+    return stage_config(cls, section, env.params_path, **(overrides or {}))
+
+
+@contextlib.contextmanager
+def _lock(env: StageEnv, name: str) -> Iterator[None]:
+    """Serialise merges of per-shard parts across concurrently running partition runs."""
+    path = env.data_root / ".locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- data stages
+
+
+def run_raw_pairs(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
+    """Embedded corpus -> shards. ``keys``: shard partitions to (re)write, None = all."""
+    from data_engine.corpus.config import CorpusConfig
+    from data_engine.ingest.config import IngestConfig
+    from data_engine.ingest.pipeline import (ingest_embedded, ingest_embedded_shard, measure_written_noise,
+                                             merge_manifests)
+
+    corpus_cfg = _cfg(CorpusConfig, "corpus", env, (overrides or {}).get("corpus"))
+    cfg = _cfg(IngestConfig, "ingest", env, (overrides or {}).get("ingest"))
+    all_keys = shard_keys(env.params_path)
+    if keys is None or set(keys) >= set(all_keys):
+        summary = ingest_embedded(env.data_root, corpus_cfg, cfg)
+        written_keys = all_keys
+    else:
+        for split, indices in group_by_split(keys).items():
+            shards = formats.list_shards(env.data_root, split)
+            if len(shards) == len(indices) and {formats.shard_path(env.data_root, split, i) for i in indices} == set(shards):
+                # the run holds every shard of the split: one parse call (one parser load)
+                summaries[split] = parse_split(shards, formats.parsed_path(env.data_root, split), cfg)
+                for part in parts.glob(f"{split}-*.parquet"):
+                    part.unlink()
+                continue
+            for index in indices:
+                ingest_embedded_shard(corpus_cfg, split, index, env.data_root, cfg)
+        written_keys = keys
+        with _lock(env, "raw_merge"):
+            summary = merge_manifests(env.data_root, noise=measure_written_noise(env.data_root))
+    metrics: dict[str, Any] = {"shards_written": len(written_keys)}
+    _flat("", {"written": summary.total.written, "seen": summary.total.seen,
+               "skipped": sum(summary.total.skipped.values()), "counts_add_up": summary.counts_add_up,
+               "per_split": {s: c.written for s, c in summary.splits.items()},
+               "noise": summary.noise or {}}, metrics)
+    return StageOutcome("raw_pairs", metrics, {"summary": _jsonable(summary), "keys": written_keys})
+
+
+def _merge_parsed(env: StageEnv, split: str) -> int:
+    """Concatenate the per-shard parse parts of ``split`` into ``parsed/{split}.parquet``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted((env.data_root / "parsed" / "parts").glob(f"{split}-*.parquet"))
+    shards = {p.stem for p in formats.list_shards(env.data_root, split)}
+    parts = [p for p in parts if p.stem in shards]
+    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+    if table is not None:
+        pq.write_table(table, formats.parsed_path(env.data_root, split))
+    return 0 if table is None else table.num_rows
+
+
+def run_parsed_tags(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
+    """Captions -> tags. ``keys`` given: one parse part per shard, merged per split."""
+    from data_engine.parsing import ParseConfig, parse_split
+
+    cfg = _cfg(ParseConfig, "parse", env, overrides)
+    summaries: dict[str, Any] = {}
+    formats.parsed_path(env.data_root, "x").parent.mkdir(parents=True, exist_ok=True)
+    if keys is None:
+        shutil.rmtree(env.data_root / "parsed" / "parts", ignore_errors=True)
+        for split in formats.SPLITS:
+            shards = formats.list_shards(env.data_root, split)
+            if shards:
+                summaries[split] = parse_split(shards, formats.parsed_path(env.data_root, split), cfg)
+    else:
+        parts = env.data_root / "parsed" / "parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        for split, indices in group_by_split(keys).items():
+            shards = formats.list_shards(env.data_root, split)
+            if len(shards) == len(indices) and {formats.shard_path(env.data_root, split, i) for i in indices} == set(shards):
+                # the run holds every shard of the split: one parse call (one parser load)
+                summaries[split] = parse_split(shards, formats.parsed_path(env.data_root, split), cfg)
+                for part in parts.glob(f"{split}-*.parquet"):
+                    part.unlink()
+                continue
+            for index in indices:
+                key = shard_key(split, index)
+                shard = formats.shard_path(env.data_root, split, index)
+                if not shard.exists():
+                    raise FileNotFoundError(f"{shard} missing: materialize raw_pairs partition {key} first")
+                summaries[key] = parse_split([shard], parts / f"{key}.parquet", cfg)
+            with _lock(env, f"parsed_{split}"):
+                _merge_parsed(env, split)
+    data = {k: _jsonable(v.as_dict()) for k, v in summaries.items()}
+    metrics: dict[str, Any] = {name: sum(d[name] for d in data.values())
+                               for name in ("captions", "parsed", "tags", "no_tags")}
+    metrics["skipped"] = sum(sum(d["skipped"].values()) for d in data.values())
+    metrics["tagged_fraction"] = (metrics["captions"] - metrics["no_tags"]) / max(metrics["captions"], 1)
+    return StageOutcome("parsed_tags", metrics, {"summaries": data})
+
+
+def run_label_system(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
+    from data_engine.label_system import LabelSystemConfig, assign_label_ids, build_label_system
+
+    cfg = _cfg(LabelSystemConfig, "label_system", env, overrides)
+    parsed = [formats.parsed_path(env.data_root, s) for s in formats.SPLITS
+              if formats.parsed_path(env.data_root, s).exists()]
+    out_dir = formats.label_system_dir(env.data_root)
+    system = build_label_system(parsed, cfg, out_dir)
+    assigned = {}
+    for path in parsed:
+        split = path.stem
+        out = formats.labels_path(env.data_root, split)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assigned[split] = _jsonable(assign_label_ids(path, system, out))
+    metrics: dict[str, Any] = {"tags": len(system)}
+    _flat("assigned", assigned, metrics)
+    return StageOutcome("label_system", metrics, {"assigned": assigned})
+
+
+# --------------------------------------------------------------------------- model stages
+
+
+_TRAIN_INPUTS: dict[str, Callable[[Path], tuple[Path, str | None, str]]] = {
+    # stage -> (labels file, stage whose model initialises it, split it trains on)
+    "preliminary_model": lambda root: (formats.labels_path(root, "pretrain"), None, "pretrain"),
+    "retrained_model": lambda root: (formats.engine_labels_path(root, "pretrain"), None, "pretrain"),
+    "finetuned_model": lambda root: (formats.labels_path(root, "finetune"), "retrained_model", "finetune"),
+}
+
+
+def _train(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
+    from ram_model.train_stage import TrainStageConfig
+
+    cfg = _cfg(TrainStageConfig, stage, env, overrides)
+    # the launcher resource decides the engine; runs go to this pipeline's tracking store
+    labels, init_stage, split = _TRAIN_INPUTS[stage](env.data_root)
+    update = {"engine": env.launcher.mode, "tracking_uri": env.tracking_uri(), "experiment": env.mlflow.experiment}
+    if "splits" not in (load_params(env.params_path).get(stage) or {}) and "splits" not in (overrides or {}):
+        update["splits"] = [split]  # the data flow decides the split unless params say otherwise
+    cfg = cfg.model_copy(update=update)
+    init_from = formats.model_dir(env.data_root, init_stage) if init_stage else None
+    out_dir = formats.model_dir(env.data_root, stage)
+    parent = pipeline_run_id(env)
+    result = _launch_training(env, cfg, out_dir, labels, init_from, parent)
+    metrics: dict[str, Any] = {}
+    _flat("", _jsonable(result.metrics), metrics)
+    plots = [str(p) for p in _training_plots(env, stage)]
+    return StageOutcome(stage, metrics, {"checkpoint": str(result.checkpoint), "parent_run_id": parent},
+                        plots, result.mlflow_run_id)
+
+
+def _launch_training(env: StageEnv, cfg, out_dir: Path, labels: Path, init_from: Path | None, parent: str):
+    """In-process torch, or DeepSpeed workers through the training package's torchrun launcher."""
+    from ram_model import train_stage as ts
+
+    if env.launcher.mode == "deepspeed":
+        return ts.launch_train_stage(cfg, env.data_root, out_dir, labels, init_from, parent,
+                                     nproc=env.launcher.nproc, timeout_s=env.launcher.timeout_s)
+    return ts.train_stage(cfg, env.data_root, out_dir, labels, init_from, parent)
+
+
+def _training_plots(env: StageEnv, stage: str) -> list[Path]:
+    """Copy the PNGs the training run wrote (loss curves) into ``plots/{stage}/``."""
+    out = plots_dir(env.data_root, stage)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    src = formats.model_dir(env.data_root, stage)
+    copied = []
+    for png in sorted(src.glob("*.png")):
+        shutil.copy2(png, out / png.name)
+        copied.append(out / png.name)
+    return copied
+
+
+def run_preliminary_model(env, keys=None, overrides=None) -> StageOutcome:
+    return _train("preliminary_model", env, overrides)
+
+
+def run_retrained_model(env, keys=None, overrides=None) -> StageOutcome:
+    return _train("retrained_model", env, overrides)
+
+
+def run_finetuned_model(env, keys=None, overrides=None) -> StageOutcome:
+    outcome = _train("finetuned_model", env, overrides)
+    from ram_model.serving import log_pyfunc
+
+    model_dir = formats.model_dir(env.data_root, "finetuned_model")
+    info = log_pyfunc(model_dir, run_id=outcome.mlflow_run_id, tracking_uri=env.tracking_uri(),
+                      data_root=env.data_root)
+    outcome.details["model_uri"] = info
+    write_json(model_dir / "mlflow_model.json", {"run_id": outcome.mlflow_run_id, "model_uri": info})
+    return outcome
+
+
+def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
+    from data_engine.engine import EngineConfig, run_engine
+
+    cfg = _cfg(EngineConfig, "engine", env, overrides)
+    report_dir = plots_dir(env.data_root, "engine_cleaned_data")
+    shutil.rmtree(report_dir, ignore_errors=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    out = formats.engine_labels_path(env.data_root, "pretrain")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = run_engine(formats.model_dir(env.data_root, "preliminary_model"), env.data_root, "pretrain",
+                        formats.labels_path(env.data_root, "pretrain"), formats.label_system_dir(env.data_root),
+                        out, cfg, report_dir)
+    metrics: dict[str, Any] = {}
+    data = _jsonable(result)
+    _flat("", {k: v for k, v in data.items() if k not in ("artifacts", "out_path")}, metrics)
+    plots = [str(p) for p in sorted(report_dir.glob("*.png"))]
+    return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots)
+
+
+# --------------------------------------------------------------------------- evaluation and registry
+
+
+def run_evaluation_report(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
+    from ram_model.evaluate import EvaluationConfig, evaluate_models
+
+    cfg = _cfg(EvaluationConfig, "evaluation", env, overrides)
+    out_dir = env.data_root / "evaluation"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = {name: formats.model_dir(env.data_root, name)
+              for name in ("preliminary_model", "retrained_model", "finetuned_model")}
+    report = evaluate_models(models, env.data_root, cfg, out_dir)
+    data = _jsonable(report)
+    metrics: dict[str, Any] = dict(data.get("models", {}).get("finetuned_model", {}))
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    pdir = plots_dir(env.data_root, "evaluation_report")
+    shutil.rmtree(pdir, ignore_errors=True)
+    pdir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for png in sorted(out_dir.glob("*.png")):
+        shutil.copy2(png, pdir / png.name)
+        plots.append(str(pdir / png.name))
+    return StageOutcome("evaluation_report", metrics, {"report": data}, plots)
+
+
+def run_registered_model(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
+    cfg = registry_config(env.params_path)
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    model = json.loads((formats.model_dir(env.data_root, "finetuned_model") / "mlflow_model.json").read_text())
+    evaluation = json.loads(report_path(env.data_root, "evaluation_report").read_text())
+    value = float(evaluation["metrics"][cfg.metric])
+    decision = register_and_gate(env, cfg, model["model_uri"], value, model.get("run_id"))
+    write_json(env.data_root / "registry" / "decision.json", decision.to_dict())
+    metrics = {"version": int(decision.version), "promoted": decision.promoted,
+               f"challenger_{cfg.metric}": decision.challenger_value,
+               f"champion_{cfg.metric}_before": decision.champion_value}
+    return StageOutcome("registered_model", metrics, {"decision": decision.to_dict()},
+                        mlflow_run_id=model.get("run_id"))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+RUNNERS: dict[str, Callable[..., StageOutcome]] = {name: globals()[f"run_{name}"] for name in STAGE_NAMES}
+
+
+def run_stage(name: str, env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
+    """Run one stage and write ``reports/{name}.json`` (what DVC reads as metrics)."""
+    if name not in RUNNERS:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    env.data_root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    outcome = RUNNERS[name](env, keys, overrides)
+    outcome.seconds = time.perf_counter() - start
+    report = outcome.to_dict()
+    if name == "registered_model":
+        report["decision"] = outcome.details["decision"]
+    write_json(report_path(env.data_root, name), report)
+    plots_dir(env.data_root, name).mkdir(parents=True, exist_ok=True)
+    log.info("stage %s done in %.1fs", name, outcome.seconds)
+    return outcome
+
+
+__all__ = ["StageOutcome", "run_stage", "RUNNERS", "shard_keys"]

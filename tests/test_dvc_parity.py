@@ -1,0 +1,93 @@
+"""dvc.yaml and the Dagster definitions describe the same pipeline.
+
+Both graphs are derived from the tools themselves: DVC's resolved stages (a stage depends on
+another when one of its deps is, or lies inside, one of the other's outs) and Dagster's asset
+graph (``defs.resolve_asset_graph()`` parents).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def dvc_graph(repo_root: Path) -> dict[str, dict]:
+    """``{stage: {"upstream": set, "params": set, "cmd": str, "outs": set}}`` from dvc.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        stages = list(repo.index.stages)
+        outs = {s.name: [str(o.fs_path) for o in s.outs] for s in stages}
+        graph = {}
+        for s in stages:
+            deps = [str(d.fs_path) for d in s.deps if not hasattr(d, "params") or not d.params]
+            params = set()
+            for d in s.deps:
+                if getattr(d, "params", None):
+                    params |= set(d.params)
+            upstream = {other for other, paths in outs.items() if other != s.name
+                        and any(_inside(dep, out) for dep in deps for out in paths)}
+            graph[s.name] = {"upstream": upstream, "params": params, "cmd": s.cmd,
+                             "outs": {Path(o).relative_to(repo_root).as_posix() for o in outs[s.name]}}
+    return graph
+
+
+def dagster_graph() -> dict[str, set[str]]:
+    from orchestration.definitions import defs
+
+    asset_graph = defs.resolve_asset_graph()
+    return {key.to_user_string(): {p.to_user_string() for p in asset_graph.get(key).parent_keys}
+            for key in asset_graph.get_all_asset_keys()}
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    return dvc_graph(REPO), dagster_graph()
+
+
+def test_same_stages_and_same_dependencies(graphs):
+    dvc, dag = graphs
+    assert set(dvc) == set(dag)
+    for name in dvc:
+        assert dvc[name]["upstream"] == dag[name], name
+
+
+def test_lineage_chain_is_present(graphs):
+    _, dag = graphs
+    chain = ["raw_pairs", "parsed_tags", "label_system", "preliminary_model", "engine_cleaned_data",
+             "retrained_model", "finetuned_model", "evaluation_report", "registered_model"]
+    for up, down in zip(chain, chain[1:]):
+        assert up in dag[down], f"{up} -> {down} missing"
+
+
+def test_dvc_stages_call_the_stage_functions_with_their_params(graphs):
+    from orchestration.pipeline import STAGES
+
+    dvc, _ = graphs
+    for spec in STAGES:
+        stage = dvc[spec.name]
+        assert stage["cmd"] == f"ramflow stage {spec.name}"
+        assert set(spec.params) <= stage["params"], spec.name
+        assert {f"data/{o}" for o in spec.outs} <= stage["outs"], spec.name
+        assert f"data/reports/{spec.name}.json" in stage["outs"], "metrics file of every stage"
+
+
+def test_dagster_partitions_cover_the_raw_shards():
+    from orchestration.definitions import defs
+    from orchestration.partitions import parse_shard_key, shard_keys
+
+    graph = defs.resolve_asset_graph()
+    for name in ("raw_pairs", "parsed_tags"):
+        node = graph.get(__import__("dagster").AssetKey(name))
+        assert node.partitions_def is not None
+        keys = node.partitions_def.get_partition_keys()
+        assert keys == shard_keys()
+        assert {parse_shard_key(k)[0] for k in keys} == {"pretrain", "finetune", "test"}
+    assert graph.get(__import__("dagster").AssetKey("label_system")).partitions_def is None

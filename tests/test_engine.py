@@ -1,0 +1,319 @@
+"""Data engine: generation, region finding, cleaning, and the whole pass with a stand-in model.
+
+The stand-in model follows the model contract (``tag_logits``, ``tag_attention``,
+``image_embedding``, ``caption``, ``data_config``, ``thresholds``) on synthetic images: each
+tag is a colour, the image shows coloured rectangles on grey, and the model's maps are built
+from the colour masks, so every answer it gives is known.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from data_engine.engine import EngineConfig, Sample, engine_core
+from data_engine.engine.cleaning import CropStore, clean_tags, kmeans_outliers
+from data_engine.engine.generation import caption_parser, confident_tags, generate_labels
+from data_engine.engine.regions import attention_box_cells, attention_to_box, box_iou, crop_image, to_tensor
+
+COLORS = np.array([[220, 30, 30], [30, 200, 30], [30, 30, 220], [230, 220, 30]], dtype=np.float32)
+NAMES = ["red", "green", "blue", "yellow"]
+GREY = (128, 128, 128)
+
+
+class StandInModel(torch.nn.Module):
+    """Colour-mask tagger: tag c's evidence at a pixel is closeness to ``COLORS[c]``."""
+
+    data_config = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+    def __init__(self, fixed_logits: dict[int, list[float]] | None = None):
+        super().__init__()
+        self.thresholds = np.full(len(COLORS), 0.5, dtype=np.float32)
+        self.fixed_logits = fixed_logits
+        self.calls = 0
+
+    def _masks(self, images: torch.Tensor) -> torch.Tensor:
+        rgb = (images * 0.5 + 0.5) * 255.0                        # [B, 3, H, W]
+        col = torch.tensor(COLORS)[None, :, :, None, None]        # [1, C, 3, 1, 1]
+        dist = (rgb[:, None] - col).abs().amax(dim=2)             # [B, C, H, W]
+        return (dist < 40).float()
+
+    def tag_logits(self, images):
+        self.calls += 1
+        if self.fixed_logits is not None:
+            # fixed logits keyed by the image's mean red value bucket (tests give distinct images)
+            key = [int(round(float(v))) for v in (images[:, 0].mean(dim=(1, 2)) * 100)]
+            return torch.tensor([self.fixed_logits[k] for k in key])
+        frac = self._masks(images).mean(dim=(2, 3))               # [B, C]
+        return 40.0 * (frac - 0.03)
+
+    def tag_attention(self, images, tag_ids=None):
+        att = torch.nn.functional.avg_pool2d(self._masks(images), 4) + 1e-3  # [B, C, 8, 8]
+        att = att / att.sum(dim=(2, 3), keepdim=True)
+        return att if tag_ids is None else att[:, tag_ids]
+
+    def image_embedding(self, images):
+        masks = self._masks(images).mean(dim=(2, 3))                       # [B, C]
+        mean_rgb = (images * 0.5 + 0.5).mean(dim=(2, 3))                    # [B, 3]
+        return torch.cat([masks * 4, mean_rgb], dim=1)                      # [B, C+3]
+
+    def caption(self, images, tags=None):
+        return ["" for _ in range(len(images))]
+
+
+def synthetic_image(objects: list[tuple[int, tuple[int, int, int, int]]], size=(96, 96), jitter=0) -> Image.Image:
+    arr = np.full((size[1], size[0], 3), GREY, dtype=np.uint8)
+    for c, (x0, y0, x1, y1) in objects:
+        arr[y0:y1, x0:x1] = np.clip(COLORS[c] + jitter, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_generation_adds_missing_tag_the_model_is_sure_of():
+    probs = np.array([[0.99, 0.55, 0.2, 0.9], [0.1, 0.1, 0.1, 0.1]], dtype=np.float32)
+    thr = np.full(4, 0.5, dtype=np.float32)
+    assert confident_tags(probs, thr, margin=0.1) == [[0, 3], []]
+    out = generate_labels([[3], [2]], probs, thr, margin=0.1, caption_ids=[[1, 7], []], num_classes=4)
+    assert out[0].union == [0, 1, 3]            # 0 from tagging, 1 from caption, 3 parsed; 7 not a class
+    assert out[0].by_tagging == [0] and out[0].by_caption == [1] and out[0].parsed == [3]
+    assert out[1].union == [2] and out[1].added == []   # unsure model adds nothing, keeps parsed tag
+
+
+def test_generation_end_to_end_with_fixed_logits(tmp_path):
+    # two distinct images (mean red differs) with fixed logits: image A is sure of tag 2
+    img_a, img_b = synthetic_image([(0, (0, 0, 30, 30))]), synthetic_image([])
+    xa, xb = to_tensor([img_a, img_b], StandInModel.data_config)
+    key_a, key_b = (int(round(float(v))) for v in (torch.stack([xa, xb])[:, 0].mean(dim=(1, 2)) * 100))
+    assert key_a != key_b
+    model = StandInModel(fixed_logits={key_a: [0.0, -5.0, 6.0, -5.0], key_b: [-5.0, -5.0, 0.3, -5.0]})
+    cfg = EngineConfig(cleaning=False, captioning=False, margin=0.2, batch_size=2, report_tags=0)
+    res = engine_core(model, [Sample("a", img_a), Sample("b", img_b)], {"a": [0], "b": []}, NAMES, cfg,
+                      tmp_path / "engine.parquet", tmp_path / "report")
+    df = pd.read_parquet(tmp_path / "engine.parquet").set_index("key")
+    assert list(df.loc["a", "union_label_ids"]) == [0, 2]      # sigmoid(6) = 0.998 >= 0.5 + 0.2
+    assert list(df.loc["a", "parse_label_ids"]) == [0]         # parsed labels stay as parsed
+    assert list(df.loc["a", "added_ids"]) == [2]
+    assert list(df.loc["b", "union_label_ids"]) == []          # sigmoid(0.3) = 0.57 < 0.7
+    assert res.added == 1 and res.removed == 0 and res.images == 2
+
+
+def test_caption_parser_composes_parse_and_ids():
+    parse = caption_parser(lambda caps: [c.split() for c in caps], lambda tags: [NAMES.index(t) for t in tags])
+    assert parse(["red blue red", ""]) == [[0, 2], []]
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def test_region_from_object_mask_attention_overlaps_true_box():
+    rng = np.random.default_rng(0)
+    true_box = (40, 24, 88, 64)                     # pixels of a 128 x 96 image
+    mask = np.zeros((96, 128), dtype=np.float32)
+    mask[24:64, 40:88] = 1.0
+    # stand-in attention: object mask pooled to a 12 x 16 token grid, plus noise and a weak blob
+    grid = mask.reshape(12, 8, 16, 8).mean(axis=(1, 3))
+    att = grid + 0.05 * rng.random(grid.shape)
+    att[0:2, 0:2] += 0.6                            # a smaller distractor component
+    box = attention_to_box(att, (128, 96), threshold=0.5, margin=0.0)
+    assert box_iou(box, true_box) > 0.9
+    # a 15% margin per side grows the box 1.3x each way: IoU 1 / 1.69 = 0.59 at best
+    assert box_iou(attention_to_box(att, (128, 96), 0.5, margin=0.15), true_box) > 0.55
+
+
+def test_region_picks_component_with_most_mass_and_handles_flat_maps():
+    att = np.zeros((6, 6))
+    att[0, 0] = 1.0                 # highest single peak, tiny mass
+    att[3:6, 3:6] = 0.8             # larger mass
+    assert attention_box_cells(att, 0.5) == (3, 3, 6, 6)
+    assert attention_box_cells(np.zeros((4, 5)), 0.5) == (0, 0, 5, 4)
+    with pytest.raises(ValueError):
+        attention_box_cells(np.zeros(5), 0.5)
+
+
+def test_standin_attention_region_overlaps_object_box():
+    model = StandInModel()
+    true_box = (50, 10, 90, 40)
+    img = synthetic_image([(2, true_box), (0, (5, 60, 30, 90))], size=(128, 96))
+    x = to_tensor([img], model.data_config)
+    att = model.tag_attention(x, torch.tensor([2]))[0, 0].numpy()
+    box = attention_to_box(att, img.size, threshold=0.5, margin=0.0)
+    assert box_iou(box, true_box) > 0.6
+    crop = crop_image(img, box, size=16)
+    assert crop.size == (16, 16)
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+def test_kmeans_outliers_flags_planted_far_crop():
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(2, 16))
+    emb = np.concatenate([centers[i % 2] + 0.05 * rng.normal(size=16) for i in range(40)]).reshape(40, 16)
+    planted = -centers.mean(axis=0) + 0.05 * rng.normal(size=16)
+    emb = np.vstack([emb, planted])
+    out, dist = kmeans_outliers(emb, n_clusters=2, fraction=0.1, z=2.0, seed=0)
+    assert out[-1] and out.sum() == 1           # only the planted crop: the rest fail the robust gate
+    assert dist[-1] == dist.max()
+    out0, _ = kmeans_outliers(emb, n_clusters=2, fraction=0.1, z=0.0, seed=0)
+    assert out0.sum() == 4                     # pure "farthest fraction" rule
+
+
+def test_clean_tags_removes_planted_tag_and_respects_min_count():
+    rng = np.random.default_rng(2)
+    store = CropStore()
+    n = 30
+    emb = rng.normal(size=(1, 8)) + 0.05 * rng.normal(size=(n, 8))
+    emb[7] = -emb[7] * 3                                   # planted: image 7's crop is elsewhere
+    probs = np.full(n, 0.9, dtype=np.float32)
+    probs[11] = 0.1                                        # model does not see the tag in image 11's crop
+    store.add(np.arange(n), np.zeros(n), emb, probs, np.zeros((n, 4)))
+    store.add([0, 1], [1, 1], rng.normal(size=(2, 8)), [0.01, 0.01], np.zeros((2, 4)))  # rare tag 1
+    arrays = store.arrays()
+    assert store.nbytes() == sum(a.nbytes for a in arrays.values())
+    res = clean_tags(arrays, np.full(2, 0.5, np.float32), n_clusters=2, outlier_fraction=0.1,
+                     outlier_z=2.0, rescore_scale=0.5, min_count=10)
+    assert res.removed_pairs(arrays) == {(7, 0), (11, 0)}
+    assert res.per_tag[0].cleaned and res.per_tag[0].kept == n - 2
+    assert res.per_tag[0].removed_outlier == 1 and res.per_tag[0].removed_score == 1
+    assert not res.per_tag[1].cleaned and res.per_tag[1].kept == 2   # too few samples: untouched
+
+
+# --------------------------------------------------------------------------- whole pass
+
+
+def _corpus(n: int, rng):
+    """Images with 1-2 coloured objects; captions name one object and sometimes a wrong colour."""
+    samples, parsed, truth = [], {}, {}
+    for i in range(n):
+        k = 1 + (i % 2)
+        classes = rng.choice(4, size=k, replace=False).tolist()
+        objs = []
+        for j, c in enumerate(classes):
+            x0 = int(rng.integers(0, 40)) + 48 * j
+            y0 = int(rng.integers(0, 40))
+            objs.append((c, (x0, y0, x0 + 40, y0 + 40)))
+        img = synthetic_image(objs, size=(136, 96), jitter=int(rng.integers(-10, 10)))
+        key = f"s{i:04d}"
+        labels = {classes[0]}                               # caption misses the second object
+        if i % 5 == 0:
+            labels.add(next(c for c in range(4) if c not in classes))   # hallucinated mention
+        samples.append(Sample(key, img))
+        parsed[key] = sorted(labels)
+        truth[key] = set(classes)
+    return samples, parsed, truth
+
+
+def test_engine_core_adds_missing_removes_hallucinated_and_reports(tmp_path):
+    samples, parsed, truth = _corpus(80, np.random.default_rng(3))
+    images = {s.key: s.image for s in samples}
+    cfg = EngineConfig(batch_size=16, min_count=10, n_clusters=2, captioning=False, report_tags=2,
+                       report_crops=3)
+    res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / "engine" / "pretrain.parquet",
+                      tmp_path / "report", truth=truth, image_loader=lambda keys: {k: images[k] for k in keys})
+    df = pd.read_parquet(tmp_path / "engine" / "pretrain.parquet")
+    assert list(df.columns) == ["key", "parse_label_ids", "union_label_ids", "added_ids", "removed_ids"]
+    assert len(df) == 80 and res.images == 80
+    m = res.metrics
+    assert m["parsed"]["recall"] < 0.8 and m["parsed"]["precision"] < 0.95
+    assert m["generated"]["recall"] > m["parsed"]["recall"]
+    assert m["cleaned"]["precision"] >= 0.95 and m["cleaned"]["recall"] >= 0.9
+    assert m["cleaned"]["precision"] > m["parsed"]["precision"] and m["cleaned"]["recall"] > m["parsed"]["recall"]
+    # every hallucinated mention was removed
+    hallucinated = {(k, t) for k, p in parsed.items() for t in p if t not in truth[k]}
+    removed = {(k, t) for k, ids in zip(df["key"], df["removed_ids"]) for t in ids}
+    assert hallucinated and hallucinated <= removed
+    assert res.pairs == sum(len(set(p) | set(a)) for p, a in zip(df["parse_label_ids"], df["added_ids"]))
+    assert (tmp_path / "report" / "crops.png").exists() and res.artifacts["crops_png"].endswith("crops.png")
+    report = json.loads((tmp_path / "report" / "engine_report.json").read_text())
+    assert report["metrics"]["cleaned"]["precision"] == m["cleaned"]["precision"]
+    changes = json.loads((tmp_path / "report" / "tag_changes.json").read_text())
+    assert sum(r["added"] for r in changes) == res.added and sum(r["removed"] for r in changes) == res.removed
+
+
+def test_engine_core_skips_unlabelled_samples_and_switches(tmp_path):
+    samples, parsed, _ = _corpus(12, np.random.default_rng(4))
+    del parsed[samples[0].key]
+    cfg = EngineConfig(generation=False, cleaning=False, captioning=False, batch_size=5)
+    res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / "e.parquet", tmp_path / "r")
+    assert res.images == 11 and res.skipped == {"not_in_labels": 1}
+    assert res.added == 0 and res.removed == 0 and res.pairs == 0
+    df = pd.read_parquet(tmp_path / "e.parquet")
+    assert all(list(a) == list(b) for a, b in zip(df["parse_label_ids"], df["union_label_ids"]))
+
+
+# --------------------------------------------------------------------------- stage function
+
+
+def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
+    """``run_engine`` end to end on real shards, labels parquet and label system (stand-in model)."""
+    import io
+
+    import data_engine.engine as engine
+    from data_engine import formats
+    from data_engine.label_system import LabelSystem
+    from data_engine.shards import ShardWriter
+
+    samples, parsed, truth = _corpus(40, np.random.default_rng(5))
+    root = tmp_path / "data"
+    for shard_i in range(2):
+        with ShardWriter(formats.shard_path(root, "pretrain", shard_i)) as w:
+            for s in samples[shard_i * 20:(shard_i + 1) * 20]:
+                buf = io.BytesIO()
+                s.image.save(buf, format="JPEG", quality=95)
+                meta = {"key": s.key, "split": "pretrain", "truth": {"tags": [NAMES[c] for c in truth[s.key]]}}
+                w.write(s.key, buf.getvalue(), "caption", meta)
+    ls = LabelSystem()
+    for name in NAMES:
+        ls.add(name, "attribute")
+    ls.save(formats.label_system_dir(root))
+    labels = formats.labels_path(root, "pretrain")
+    labels.parent.mkdir(parents=True)
+    pd.DataFrame({"key": list(parsed), "parse_label_ids": list(parsed.values())}).to_parquet(labels)
+    monkeypatch.setattr(engine, "load_engine_model", lambda path, device="cpu": StandInModel())
+
+    cfg = EngineConfig(batch_size=8, min_count=8, n_clusters=2, captioning=False, report_tags=2)
+    out = formats.engine_labels_path(root, "pretrain")
+    res = engine.run_engine(tmp_path / "ckpt", root, "pretrain", labels, formats.label_system_dir(root), out, cfg,
+                            tmp_path / "report")
+    assert res.images == 40 and res.skipped == {} and out.exists()
+    assert res.metrics["cleaned"]["precision"] > res.metrics["parsed"]["precision"]
+    assert res.metrics["cleaned"]["recall"] > res.metrics["parsed"]["recall"]
+    assert Path(res.artifacts["crops_png"]).exists()
+
+
+def test_variants_from_one_pass_match_separate_runs(tmp_path):
+    from data_engine.engine import engine_variants
+
+    samples, parsed, truth = _corpus(60, np.random.default_rng(6))
+    base = EngineConfig(batch_size=16, min_count=8, n_clusters=2, report_tags=0)
+    variants = {
+        "full": base,
+        "generation_only": base.model_copy(update={"cleaning": False}),
+        "cleaning_only": base.model_copy(update={"generation": False}),
+        "no_captioning": base.model_copy(update={"captioning": False}),
+    }
+    cap = lambda caps: [[1] for _ in caps]   # noqa: E731 - the caption branch always says "green"
+    model = StandInModel()
+    together = engine_variants(model, samples, parsed, NAMES, variants,
+                               {k: tmp_path / f"{k}.parquet" for k in variants},
+                               {k: tmp_path / k for k in variants}, caption_to_ids=cap, truth=truth)
+    calls_together = model.calls
+    for name in ("full", "cleaning_only"):   # the two that clean different pair sets
+        cfg = variants[name]
+        alone = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / "alone.parquet",
+                            tmp_path / "alone", caption_to_ids=cap, truth=truth)
+        a = pd.read_parquet(tmp_path / "alone.parquet")
+        b = pd.read_parquet(tmp_path / f"{name}.parquet")
+        assert [list(x) for x in a["union_label_ids"]] == [list(x) for x in b["union_label_ids"]], name
+        assert alone.metrics == together[name].metrics and alone.pairs == together[name].pairs
+    assert together["cleaning_only"].added == 0 and together["generation_only"].removed == 0
+    assert together["full"].added > together["no_captioning"].added     # the caption branch adds "green"
+    assert calls_together < 2 * len(samples)   # one pass: tag_logits per batch + per crop chunk
