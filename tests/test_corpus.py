@@ -64,6 +64,7 @@ def test_synonyms_consistent_and_unambiguous():
     assert all(len(tags) == 1 for tags in counts.values())
 
 
+@pytest.mark.slow  # loading WordNet takes ~5-15 s
 @pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="no WordNet")
 def test_synonyms_are_wordnet_synonyms_and_no_hypernym_pairs():
     pytest.importorskip("nltk")
@@ -143,13 +144,13 @@ def test_boxes_cover_the_drawn_object():
 def test_held_out_classes_only_in_test():
     cfg = CorpusConfig(image_size=48)
     held = set(cfg.held_out)
-    for split, n in (("pretrain", 300), ("finetune", 150)):
+    for split, n in (("pretrain", 200), ("finetune", 100)):
         for item in iter_corpus(cfg, split, 0, n):
             assert not held & {o["name"] for o in item.truth["objects"]}
             assert not held & set(item.truth["mentioned"])
             assert not held & set(item.truth["tags"])
     seen = set()
-    for item in iter_corpus(cfg, "test", 0, 400):
+    for item in iter_corpus(cfg, "test", 0, 300):
         seen |= {o["name"] for o in item.truth["objects"]}
     assert held <= seen
     assert len(seen) >= 40  # test covers (nearly) every class

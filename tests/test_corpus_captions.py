@@ -8,6 +8,7 @@ import pytest
 
 from data_engine.corpus import CorpusConfig, iter_corpus, measure_noise, surface_forms
 from data_engine.corpus.captions import INTERJECTIONS, NO_ANYTHING, NO_OBJECT, OPENERS, PRE
+from data_engine.corpus.vocab import OBJECTS
 
 SMALL = 48  # captions do not depend on pixels; small images keep the tests fast
 
@@ -39,7 +40,7 @@ def test_default_noise_rates_match_config(pretrain_truths):
 def test_noise_rates_follow_params(omit, halluc, syn):
     cfg = CorpusConfig(image_size=SMALL, omit_rate=omit, hallucinate_rate=halluc,
                        synonym_rate=syn)
-    m = measure_noise(it.truth for it in iter_corpus(cfg, "pretrain", 0, 400))
+    m = measure_noise(it.truth for it in iter_corpus(cfg, "pretrain", 0, 300))
     assert abs(m["omit_rate"] - omit) < 0.06
     assert abs(m["hallucinate_rate"] - halluc) < 0.05
     assert abs(m["synonym_rate"] - syn) < 0.1
@@ -53,7 +54,10 @@ def test_mentioned_is_exactly_what_the_caption_names(pretrain_truths):
         assert hallucinated == (set(truth["mentioned"]) - present) & hallucinated
         assert not hallucinated & present
         for canonical, word in truth["synonyms_used"]:
-            assert re.search(rf"\b{re.escape(word)}", caption, re.IGNORECASE), (word, caption)
+            assert surface_forms()[word] == canonical
+            plural = dict(s for o in OBJECTS for s in o.synonyms).get(word, word)
+            assert re.search(rf"\b({re.escape(word)}|{re.escape(plural)})\b", caption,
+                             re.IGNORECASE), (word, caption)
 
 
 def test_filler_never_names_a_tag():
@@ -66,7 +70,7 @@ def test_filler_never_names_a_tag():
 def test_captions_look_like_web_text(pretrain_truths):
     caps = [c for c, _ in pretrain_truths]
     joined = " ".join(caps).lower()
-    assert len(set(caps)) > 0.95 * len(caps)
+    assert len(set(caps)) > 0.85 * len(caps)  # short all-omitted ones repeat, as on the web
     for word in ("two", "striped", "dotted", "flying", "lovely", "vacation", "photo of",
                  "there are", "automobile", "plane", "fire hydrant", "traffic light"):
         assert word in joined, word
@@ -74,10 +78,14 @@ def test_captions_look_like_web_text(pretrain_truths):
     assert not re.search(r"\b(no|not|without)\b", joined)  # no negated objects
 
 
-def test_finetune_captions_complete_and_correct():
-    cfg = CorpusConfig(image_size=SMALL)
+@pytest.fixture(scope="module")
+def finetune_items():
+    return list(iter_corpus(CorpusConfig(image_size=SMALL), "finetune", 0, 200))
+
+
+def test_finetune_captions_complete_and_correct(finetune_items):
     truths = []
-    for item in iter_corpus(cfg, "finetune", 0, 200):
+    for item in finetune_items:
         t = item.truth
         assert set(t["mentioned"]) == set(t["tags"]), item.caption
         assert t["hallucinated"] == []
@@ -89,12 +97,11 @@ def test_finetune_captions_complete_and_correct():
     assert m["synonym_rate"] > 0.1  # synonyms are correct, so finetune still uses them
 
 
-def test_counts_in_captions_match_truth():
+def test_counts_in_captions_match_truth(finetune_items):
     """A number word before a present object's noun equals its instance count."""
-    cfg = CorpusConfig(image_size=SMALL)
     numbers = {"two": 2, "three": 3, "four": 4}
     checked = 0
-    for item in iter_corpus(cfg, "finetune", 0, 200):
+    for item in finetune_items:
         t = item.truth
         if len({o["name"] for o in t["objects"]}) != 1 or len({o["color"] for o in t["objects"]}) != 1:
             continue  # one class in one colour: one phrase, whole count

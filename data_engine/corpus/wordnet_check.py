@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from data_engine.corpus.vocab import OBJECTS, SCENES
@@ -65,7 +66,9 @@ def check_vocabulary(wordnet_dir: str | Path = "/usr/share/wordnet") -> dict:
         try:
             from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-            wn = WordNetCorpusReader(str(data / "corpora" / "wordnet"), None)
+            with warnings.catch_warnings():  # "multilingual functions are not available"
+                warnings.filterwarnings("ignore", message="The multilingual functions")
+                wn = WordNetCorpusReader(str(data / "corpora" / "wordnet"), None)
             return _run_checks(wn)
         finally:
             nltk.data.path.remove(str(data))

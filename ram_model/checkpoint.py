@@ -1,0 +1,61 @@
+"""Checkpoints that load with ``torch.load(..., weights_only=True)``.
+
+The file holds only tensors and primitive containers: ``format``, ``model_name``, ``overrides``
+(config fields differing from the registry, primitive values), ``state_dict``, ``tag_names``,
+``thresholds`` (list of floats), ``tokenizer`` (its primitive state) and ``extra`` (caller data,
+e.g. training metrics; must itself be primitive/tensors).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ram_model.registry import config_overrides, create_model
+from ram_model.tokenizer import tokenizer_from_state
+
+FORMAT = "ramflow-model-v1"
+
+
+def save_model(model, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (config name + overrides, weights, tags, thresholds, tokenizer) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = {
+        "format": FORMAT,
+        "model_name": model.config.name,
+        "overrides": config_overrides(model.config),
+        "state_dict": state,
+        "tag_names": list(model.tag_names),
+        "thresholds": [float(t) for t in model.thresholds.tolist()],
+        "tokenizer": model.tokenizer.state() if model.tokenizer is not None else None,
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw checkpoint dict (``weights_only=True``: no code is unpickled)."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} checkpoint")
+    return blob
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild the model saved by :func:`save_model` (no pretrained weights are read), in eval mode."""
+    blob = read_checkpoint(path)
+    tokenizer = tokenizer_from_state(blob["tokenizer"]) if blob.get("tokenizer") else None
+    model = create_model(blob["model_name"], pretrained=False, tokenizer=tokenizer, **blob["overrides"])
+    state = blob["state_dict"]
+    model.set_tags(blob["tag_names"], state["label_embed"], blob["thresholds"])
+    model.load_state_dict(state, strict=True)
+    model.checkpoint_extra = blob.get("extra", {})
+    return model.to(device).eval()
