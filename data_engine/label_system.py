@@ -39,8 +39,11 @@ class LabelSystemConfig(BaseModel):
     synonyms_file: Path = RESOURCES / "synonyms.txt"
     categories: list[str] = list(CATEGORIES)  # categories of corpus tags admitted as labels
     wordnet_synonyms: bool = True
-    max_sense_rank: int = 4        # merged tag: shared synset among its first N noun senses
-    canonical_sense_rank: int = 2  # label name: among its first N noun senses
+    # WordNet synonym rule: a tag joins a label of the same category when they share a noun
+    # synset that is the label's first sense and among the tag's first `max_sense_rank`
+    # senses ("coach" -> bus: 5th sense), or among the first two senses of both
+    # ("bloom" -> flower). Wider windows merge wrongly ("string" -> train).
+    max_sense_rank: int = 5
     hypernym_rules: dict[str, list[str]] = {
         "person": ["adult.n.01", "juvenile.n.01", "male.n.02", "female.n.02"]}
     hypernym_max_depth: int = 4
@@ -225,24 +228,27 @@ class _WordNetMerger:
         self.wn = load_wordnet(cfg.nltk_data)
         self.cfg = cfg
         self._targets = {t: {self.wn.synset(s) for s in syns} for t, syns in cfg.hypernym_rules.items()}
-        self._synset_to_label: dict[str, int] = {}
+        self._synset_to_label: dict[tuple[str, str], tuple[int, int]] = {}  # -> (label id, rank)
 
     def senses(self, tag: str, rank: int) -> list:
         return self.wn.synsets(tag.replace(" ", "_"), "n")[:rank]
 
-    def index_label(self, name: str, idx: int) -> None:
-        for s in self.senses(name, self.cfg.canonical_sense_rank):
-            self._synset_to_label.setdefault(s.name(), idx)
+    def index_label(self, name: str, idx: int, category: str) -> None:
+        """Remember the label's first two senses (rank 1 or 2) for :meth:`synonym_of`."""
+        for rank, s in enumerate(self.senses(name, 2), start=1):
+            self._synset_to_label.setdefault((s.name(), category), (idx, rank))
 
-    def synonym_of(self, tag: str) -> int | None:
-        for s in self.senses(tag, self.cfg.max_sense_rank):
-            if s.name() in self._synset_to_label:
-                return self._synset_to_label[s.name()]
+    def synonym_of(self, tag: str, category: str) -> int | None:
+        for rank, s in enumerate(self.senses(tag, self.cfg.max_sense_rank), start=1):
+            hit = self._synset_to_label.get((s.name(), category))
+            if hit is not None and (hit[1] == 1 or rank <= 2):
+                return hit[0]
         return None
 
     def hypernym_target(self, tag: str) -> str | None:
+        """Rule target reached from the tag's first sense (not from a named instance)."""
         first = self.senses(tag, 1)
-        if not first:
+        if not first or first[0].instance_hypernyms():
             return None
         for path in first[0].hypernym_paths():
             near = path[-1 - self.cfg.hypernym_max_depth:]
@@ -291,7 +297,7 @@ def build_label_system(parsed: list[Path], cfg: LabelSystemConfig, out_dir: Path
     wn = _WordNetMerger(cfg) if cfg.wordnet_synonyms else None
     if wn is not None:
         for lab in ls.labels:
-            wn.index_label(lab.name, lab.id)
+            wn.index_label(lab.name, lab.id, lab.category)
 
     counts = collections.Counter()
     for tag, n in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -315,10 +321,10 @@ def build_label_system(parsed: list[Path], cfg: LabelSystemConfig, out_dir: Path
                 target = ls._lookup.get(hyper)
                 if target is None and frequent:
                     target = ls.add(hyper, cat, source="hypernym")
-                    wn.index_label(hyper, target)
+                    wn.index_label(hyper, target, cat)
                 how = "hypernym"
             else:
-                target = wn.synonym_of(tag)
+                target = wn.synonym_of(tag, cat)
                 how = "wordnet"
         if target is not None:
             ls.add_synonym(target, tag)
@@ -327,7 +333,7 @@ def build_label_system(parsed: list[Path], cfg: LabelSystemConfig, out_dir: Path
         elif frequent:
             idx = ls.add(tag, cat, source="corpus", freq=n)
             if wn is not None and cat in ("object", "scene"):
-                wn.index_label(tag, idx)
+                wn.index_label(tag, idx, cat)
             counts["new_labels"] += 1
         else:
             counts["below_min_freq"] += 1

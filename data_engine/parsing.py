@@ -47,6 +47,7 @@ PLURALIA_TANTUM = frozenset({
 })
 _NEG_WORDS = frozenset({"no", "without"})
 _NOUN_POS = frozenset({"NOUN", "PROPN"})
+_NOMINAL_DEPS = frozenset({"nsubj", "nsubjpass", "dobj", "pobj", "conj", "ROOT"})
 _OBJECT_DEPS_OF_NEG_VERB = frozenset({"dobj", "attr", "acomp", "oprd"})
 
 _URL_RE = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)\S+", re.IGNORECASE)
@@ -84,7 +85,7 @@ class ParseConfig(BaseModel):
                                   RESOURCES / "seeds" / "imagenet1k.txt"]
     """Names whose adjective+noun spans stay together ("hot dog"); noun+noun always do."""
     wordnet_compounds: bool = False      # also every WordNet multi-word noun (noisy: "black cat")
-    wordnet_verbs: bool = True           # check verb lemmas against WordNet (ride, not rid)
+    wordnet_verbs: bool = True  # WordNet checks lemmas: verbs (ride, not rid), ADJ-tagged nouns (geese)
     nltk_data: Path | None = None        # where WordNet is set up (default ~/.cache/ramflow)
 
 
@@ -232,6 +233,8 @@ class CaptionParser:
         low = tok.lower_
         if low in PLURALIA_TANTUM:
             return low
+        if tok.pos_ == "ADJ" and self._wn is not None:  # see _adj_as_noun
+            return sorted(self._wn._morphy(low, "n"), key=len)[0]
         return tok.lemma_.lower() or low
 
     def _verb_lemma(self, tok) -> str | None:
@@ -258,6 +261,13 @@ class CaptionParser:
         self._verb_cache[low] = result
         return result
 
+    def _adj_as_noun(self, tok) -> bool:
+        """An "adjective" in a noun slot that WordNet knows only as a noun ("geese")."""
+        if tok.pos_ != "ADJ" or tok.dep_ not in _NOMINAL_DEPS or self._wn is None:
+            return False
+        low = tok.lower_
+        return bool(self._wn._morphy(low, "n")) and not self._wn._morphy(low, "a")
+
     def _noun_runs(self, doc) -> Iterator[tuple[int, int]]:
         """``(first, last)`` token indices of maximal runs of adjacent nouns.
 
@@ -266,7 +276,7 @@ class CaptionParser:
         """
         i, n = 0, len(doc)
         while i < n:
-            if doc[i].pos_ in _NOUN_POS:
+            if doc[i].pos_ in _NOUN_POS or self._adj_as_noun(doc[i]):
                 j = i
                 while j + 1 < n and doc[j + 1].pos_ in _NOUN_POS and doc[j].whitespace_:
                     j += 1

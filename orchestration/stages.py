@@ -295,27 +295,55 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
 # --------------------------------------------------------------------------- evaluation and registry
 
 
+_EVAL_MODELS = ("preliminary_model", "retrained_model", "finetuned_model")
+_TABLE_METRICS = ("mAP", "micro_precision", "micro_recall", "micro_f1", "macro_f1")
+
+
+def evaluation_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: one row per model, mAP / P / R / F1 (+ open-set mAP when measured)."""
+    cols = list(_TABLE_METRICS) + (["open_set_mAP"] if any("open_set_mAP" in r for r in rows.values()) else [])
+    lines = ["| model | images | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for name, r in rows.items():
+        cells = [f"{r[c]:.4f}" if isinstance(r.get(c), (int, float)) else "-" for c in cols]
+        lines.append(f"| {name} | {r.get('images', '-')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_evaluation_report(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
-    from ram_model.evaluate import EvaluationConfig, evaluate_models
+    """Evaluate the three models on the test split against the corpus truth tags."""
+    from ram_model.evaluate import EvaluationConfig, evaluate_checkpoint
+
+    from .plots import metrics_bars, top_ap_bars
 
     cfg = _cfg(EvaluationConfig, "evaluation", env, overrides)
     out_dir = env.data_root / "evaluation"
     shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    models = {name: formats.model_dir(env.data_root, name)
-              for name in ("preliminary_model", "retrained_model", "finetuned_model")}
-    report = evaluate_models(models, env.data_root, cfg, out_dir)
-    data = _jsonable(report)
-    metrics: dict[str, Any] = dict(data.get("models", {}).get("finetuned_model", {}))
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    shards = formats.list_shards(env.data_root, cfg.split)
+    if not shards:
+        raise FileNotFoundError(f"no {cfg.split} shards under {env.data_root}/raw")
+    results, rows = {}, {}
+    for name in _EVAL_MODELS:
+        res = evaluate_checkpoint(formats.model_dir(env.data_root, name), shards, cfg, out_dir / f"{name}.json")
+        results[name] = res
+        row = {k: v for k, v in res["all"].items() if k != "per_class_ap"}
+        row["images"] = row.pop("num_images")
+        if "open_set" in res:
+            row["open_set_mAP"] = res["open_set"]["mAP"]
+        rows[name] = row
+    table = evaluation_table(rows)
+    (out_dir / "table.md").write_text(table + "\n", encoding="utf-8")
     pdir = plots_dir(env.data_root, "evaluation_report")
     shutil.rmtree(pdir, ignore_errors=True)
-    pdir.mkdir(parents=True, exist_ok=True)
-    plots = []
-    for png in sorted(out_dir.glob("*.png")):
-        shutil.copy2(png, pdir / png.name)
-        plots.append(str(pdir / png.name))
-    return StageOutcome("evaluation_report", metrics, {"report": data}, plots)
+    plots = [str(metrics_bars(rows, list(_TABLE_METRICS), pdir / "models.png", f"{cfg.split} split: models")),
+             str(top_ap_bars(results["finetuned_model"]["all"]["per_class_ap"], pdir / "finetuned_ap.png",
+                             "fine-tuned model: per-tag AP (best and worst)"))]
+    metrics = {k: v for k, v in rows["finetuned_model"].items() if isinstance(v, (int, float))}
+    for name in _EVAL_MODELS[:-1]:
+        metrics[f"{name}/mAP"] = rows[name]["mAP"]
+    log.info("evaluation (%s split):\n%s", cfg.split, table)
+    return StageOutcome("evaluation_report", metrics, {"table_md": table, "models": rows,
+                                                        "counts": {n: r["counts"] for n, r in results.items()}},
+                        plots)
 
 
 def run_registered_model(env: StageEnv, keys=None, overrides=None) -> StageOutcome:

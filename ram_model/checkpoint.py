@@ -8,6 +8,7 @@ e.g. training metrics; must itself be primitive/tensors).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ from ram_model.registry import config_overrides, create_model
 from ram_model.tokenizer import tokenizer_from_state
 
 FORMAT = "ramflow-model-v1"
+CHECKPOINT_FILE = "model.pt"  # inside a model folder (``models/{stage}/``)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a model folder holding ``model.pt``."""
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
 def save_model(model, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -43,7 +51,7 @@ def save_model(model, path: str | os.PathLike, extra: dict[str, Any] | None = No
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw checkpoint dict (``weights_only=True``: no code is unpickled)."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    blob = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} checkpoint")
     return blob
@@ -59,3 +67,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     model.load_state_dict(state, strict=True)
     model.checkpoint_extra = blob.get("extra", {})
     return model.to(device).eval()
+
+
+def save_checkpoint(model, out_dir: str | os.PathLike, thresholds=None, extra: dict[str, Any] | None = None) -> Path:
+    """Model folder: ``model.pt`` (:func:`save_model`) plus readable ``thresholds.json`` and
+    ``config.json``; ``thresholds`` (one per tag) replace the model's before saving."""
+    out_dir = Path(out_dir)
+    if thresholds is not None:
+        model.set_tags(model.tag_names, model.label_embed.detach().cpu(), [float(t) for t in thresholds])
+    path = save_model(model, out_dir / CHECKPOINT_FILE, extra)
+    (out_dir / "thresholds.json").write_text(
+        json.dumps(dict(zip(model.tag_names, (float(t) for t in model.thresholds.tolist()))), indent=1),
+        encoding="utf-8")
+    (out_dir / "config.json").write_text(
+        json.dumps({"model_name": model.config.name, "overrides": config_overrides(model.config),
+                    "num_tags": len(model.tag_names)}, indent=1), encoding="utf-8")
+    return path
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Only the weights of a checkpoint file or model folder (e.g. to initialise a new stage)."""
+    return read_checkpoint(path)["state_dict"]

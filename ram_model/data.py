@@ -159,7 +159,7 @@ def image_to_tensor(jpeg: bytes, aug: AugmentConfig, rng: random.Random | None) 
         box = (0, 0, im.width, im.height)
         if rng is not None and aug.random_crop:
             box = _crop_box(rng, im.width, im.height, aug.crop_scale)
-        im = im.resize((aug.image_size, aug.image_size), Image.BILINEAR, box=box)
+        im = im.resize((aug.image_size, aug.image_size), Image.BICUBIC, box=box)  # as inference.preprocess
         if rng is not None and rng.random() < aug.hflip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         arr = np.asarray(im, dtype=np.float32) / 255.0  # [S,S,3]

@@ -91,10 +91,21 @@ class Tagger:
         out = [torch.sigmoid(self.model.tag_logits(x)).cpu() for x in self._batches(list(images))]
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.num_tags), dtype=np.float32)
 
-    def tag(self, images: Sequence[ImageInput], threshold: float | None = None,
-            top_k: int | None = None) -> list[list[tuple[str, float]]]:
+    def tag(self, images: Sequence[ImageInput], threshold: float | None = None, top_k: int | None = None,
+            tags: Sequence[str] | None = None) -> list[list[tuple[str, float]]]:
         """Per image, ``(tag, score)`` pairs above the threshold (per-tag calibrated thresholds
-        unless ``threshold`` is given), highest score first, at most ``top_k``."""
+        unless ``threshold`` is given), highest score first, at most ``top_k``.
+
+        ``tags``: a custom tag list for this call only (open set; embedded via the text-encoder
+        cache), the model's tag set is restored afterwards.
+        """
+        if tags is not None:
+            saved = (list(self.model.tag_names), self.model.label_embed.clone(), self.model.thresholds.clone())
+            try:
+                self.set_tags(list(tags))
+                return self.tag(images, threshold=threshold, top_k=top_k)
+            finally:
+                self.model.set_tags(*saved)
         scores = self.scores(images)
         thr = (np.full(scores.shape[1], threshold, dtype=np.float32) if threshold is not None
                else self.model.thresholds.cpu().numpy())

@@ -146,7 +146,7 @@ class WordTokenizer:
                     continue
                 words.append(self.words[t] if t < len(self.words) else "[UNK]")
             text = " ".join(words)
-            out.append(re.sub(r" ([^\sa-z0-9'])", r"\1", text))
+            out.append(re.sub(r" ([.,!?;:)])", r"\1", text))
         return out
 
     def state(self) -> dict[str, Any]:

@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_engine.formats import label_system_dir, list_shards
-from ram_model.data import AugmentConfig, TrainLoader, index_shards, load_label_table
+from ram_model.data import (
+    AugmentConfig, TrainLoader, index_shards, is_validation_key, iter_eval_batches, load_label_table, multi_hot,
+)
 from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
 from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, seed_everything
 from ram_model.tracking import RunTracker, plot_loss_curves
@@ -85,21 +88,38 @@ def build_model(cfg: TrainStageConfig, tag_names: list[str], init_from: Path | N
     return model
 
 
+CUSTOM_MODEL_FILE = "model.pt"
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Initialise from a trained model folder / file (tag queries stay those of ``model``)."""
-    from ram_model import checkpoint as ckpt_io
+    path = Path(path)
+    custom = path / CUSTOM_MODEL_FILE if path.is_dir() else path
+    if custom.name == CUSTOM_MODEL_FILE and custom.exists():
+        state = torch.load(custom, map_location="cpu", weights_only=False)["state_dict"]
+    else:
+        from ram_model import checkpoint as ckpt_io
 
-    state = ckpt_io.load_state_dict(Path(path))
+        state = ckpt_io.load_state_dict(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = sorted(set(own) - set(usable))
+    kept = sorted(set(own) - set(usable))
     model.load_state_dict(usable, strict=False)
-    log.info("initialised from %s: %d tensors loaded, %d kept from init%s", path, len(usable), len(missing),
-             f" (e.g. {missing[:3]})" if missing else "")
+    log.info("initialised from %s: %d tensors loaded, %d kept from init%s", path, len(usable), len(kept),
+             f" (e.g. {kept[:3]})" if kept else "")
 
 
 def export_model(model: torch.nn.Module, cfg: TrainStageConfig, out_dir: Path, thresholds: list[float] | None) -> Path:
-    """Write the trained model where serving / evaluation / the next stage read it."""
+    """Write the trained model where serving / evaluation / the next stage read it.
+
+    Registry models use the model package's checkpoint format; a custom ``module:factory``
+    model (tests, experiments) is saved as a plain ``model.pt`` state dict.
+    """
+    if ":" in cfg.model:
+        path = out_dir / CUSTOM_MODEL_FILE
+        torch.save({"factory": cfg.model, "state_dict": model.state_dict(), "thresholds": thresholds,
+                    "tag_names": list(getattr(model, "tag_names", []))}, path)
+        return path
     from ram_model import checkpoint as ckpt_io
 
     return Path(ckpt_io.save_checkpoint(model, out_dir, thresholds=thresholds))
@@ -107,32 +127,42 @@ def export_model(model: torch.nn.Module, cfg: TrainStageConfig, out_dir: Path, t
 
 # --------------------------------------------------------------------------- evaluation
 
-def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_root: Path, out_dir: Path,
+def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_root: Path,
                            loader: TrainLoader) -> tuple[list[float] | None, dict[str, float]]:
-    """Per-class thresholds on the validation slice, then test-split metrics (rank 0 only)."""
+    """Per-class thresholds on the held-out validation slice, then test-split metrics (rank 0).
+
+    The validation targets are the stage's own training labels of the held-out keys (training
+    never reads ``truth``); the test split is scored against ``truth`` by :mod:`ram_model.evaluate`.
+    Models without ``tag_logits`` (custom test models) are not evaluated.
+    """
+    if not hasattr(model, "tag_logits"):
+        log.warning("model %s has no tag_logits: skipping calibration and evaluation", cfg.model)
+        return None, {}
     from ram_model import evaluate
 
-    aug = loader.aug
+    device = next(model.parameters()).device
     val_keys = {k for s in loader.shards for k in s.keys
-                if k in loader.labels and _is_val(k, loader.validation_fraction)}
-    thresholds = None
-    metrics: dict[str, float] = {}
+                if k in loader.labels and is_validation_key(k, loader.validation_fraction)}
+    thresholds, metrics = None, {}
     if val_keys:
-        thresholds, val_metrics = evaluate.calibrate_thresholds(
-            model, loader.shards, {k: loader.labels.tags[k] for k in val_keys}, aug, cfg.eval_batch_size)
-        metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
-    test_shards = list_shards(data_root, cfg.eval_split)
-    if test_shards:
+        scores, keys = [], []
+        with torch.no_grad():
+            for batch in iter_eval_batches(loader.shards, val_keys, loader.aug, cfg.eval_batch_size):
+                scores.append(torch.sigmoid(model.tag_logits(batch["image"].to(device))).float().cpu().numpy())
+                keys.extend(batch["keys"])
+        s = np.concatenate(scores)
+        t = multi_hot([loader.labels.tags[k] for k in keys], loader.labels.num_classes).numpy()
+        default = float(getattr(getattr(model, "config", None), "default_threshold", 0.5))
+        thr = evaluate.calibrate_thresholds(s, t, default=default)
+        thresholds = [float(x) for x in thr]
+        val = evaluate.evaluate_scores(s, t, thr)
+        metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+    if list_shards(data_root, cfg.eval_split):
         test = evaluate.evaluate_split(model, data_root, cfg.eval_split, thresholds=thresholds,
-                                       batch_size=cfg.eval_batch_size, max_samples=cfg.eval_max_samples)
+                                       batch_size=cfg.eval_batch_size, max_samples=cfg.eval_max_samples,
+                                       device=str(device))
         metrics.update({f"{cfg.eval_split}/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
     return thresholds, metrics
-
-
-def _is_val(key: str, fraction: float) -> bool:
-    from ram_model.data import is_validation_key
-
-    return is_validation_key(key, fraction)
 
 
 # --------------------------------------------------------------------------- stage
@@ -191,7 +221,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         module = trainer.engine.module.eval()
         thresholds = None
         if evaluate_after:
-            thresholds, eval_metrics = calibrate_and_evaluate(module, cfg, data_root, out_dir, loader)
+            thresholds, eval_metrics = calibrate_and_evaluate(module, cfg, data_root, loader)
             metrics.update(eval_metrics)
         checkpoint = export_model(module, cfg, out_dir, thresholds)
         _log_artifacts(tracker, out_dir, summary.history, cfg, names, thresholds, metrics, data_root)

@@ -40,7 +40,7 @@ class TrainStageConfig(BaseModel):
     model_overrides: dict[str, Any] = {}          # passed to create_model(name, **overrides)
     loss_weights: dict[str, float] = {}           # passthrough: create_model(..., loss_weights=...)
     caption: bool = True                          # caption branch on/off (no caption tokens when off)
-    caption_max_len: int = 40
+    caption_max_len: int | None = None            # None: the model config's max_caption_len (else 40)
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = Field(2, ge=0, le=2)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16 only takes effect on CUDA
@@ -158,6 +158,8 @@ class Trainer:
         )
         self.engine = build_engine(cfg.engine, model, self.settings, self.dist)
         self.state = TrainState(mlflow_run_id=tracker.run_id if tracker else "")
+        model_cfg = getattr(model, "config", None)
+        self.caption_max_len = cfg.caption_max_len or int(getattr(model_cfg, "max_caption_len", 40))
 
     # ------------------------------------------------------------------ batches
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +167,7 @@ class Trainer:
         out = {k: batch[k] for k in ("image", "tag_targets", "parse_targets")}
         tokenizer = getattr(self.engine.module, "tokenizer", None)
         if self.cfg.caption and tokenizer is not None:
-            ids, mask = tokenizer.encode(batch["captions"], self.cfg.caption_max_len)
+            ids, mask = tokenizer.encode(batch["captions"], self.caption_max_len)
             out["caption_ids"], out["caption_mask"] = ids, mask  # [B,L] each
         return out
 

@@ -173,3 +173,27 @@ def test_contact_sheets(tmp_path):
     q = classes_sheet(tmp_path / "classes.png", size=48)
     assert Image.open(p).size[0] > 0 and Image.open(q).size[1] > 0
     shutil.rmtree(tmp_path)
+
+
+def test_report_stage_and_cli(tmp_path):
+    import argparse
+    import json
+
+    from data_engine.corpus.cli import register
+    from data_engine.corpus.report import corpus_report
+
+    cfg = CorpusConfig(image_size=48, n_pretrain=30, n_finetune=10, n_test=20)
+    report = corpus_report(cfg, tmp_path / "rep", n_measure=20)
+    assert report["sizes"] == {"pretrain": 30, "finetune": 10, "test": 20}
+    assert report["noise"]["finetune"]["items"] == 10
+    assert report["noise"]["finetune"]["omit_rate"] == 0.0
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["n_tags"]["object"] >= 40
+    assert (tmp_path / "rep" / "classes.png").exists()
+
+    (tmp_path / "p.yaml").write_text("corpus:\n  image_size: 48\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["corpus", "sheet", "--out", str(tmp_path / "s.png"),
+                              "--params", str(tmp_path / "p.yaml"), "--n", "3"])
+    assert args.func(args) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 0

@@ -103,7 +103,7 @@ def test_counts_in_captions_match_truth(finetune_items):
     checked = 0
     for item in finetune_items:
         t = item.truth
-        if len({o["name"] for o in t["objects"]}) != 1 or len({o["color"] for o in t["objects"]}) != 1:
+        if len({(o["name"], o["color"]) for o in t["objects"]}) != 1:
             continue  # one class in one colour: one phrase, whole count
         m = re.search(r"\b(two|three|four)\b", item.caption.lower())
         n = len(t["objects"])

@@ -140,3 +140,10 @@ def test_failing_pipe_url_counted_once(tmp_path):
     assert summary.total.written == 1
     assert summary.total.skipped == {"unreadable_member": 2}
     _assert_adds_up(summary, tmp_path / "data")
+
+
+def test_pixel_cap_above_pil_limit_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="MAX_IMAGE_PIXELS"):
+        IngestConfig(max_pixels=10**12)

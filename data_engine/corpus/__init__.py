@@ -4,7 +4,7 @@ Scenes (beach, night, snow, meadow, street, lake, desert, room) hold procedurall
 objects (46 everyday classes) with colours, patterns, sizes and counts; captions are
 written like web captions (synonyms, plurals, counts, actions, filler words) with
 configurable omissions and hallucinations, and each item carries its truth. See
-``docs`` in the package README section and :mod:`data_engine.corpus.generate`.
+``data_engine/corpus/README.md`` and :mod:`data_engine.corpus.generate`.
 """
 
 from data_engine.corpus.config import DEFAULT_HELD_OUT, CorpusConfig

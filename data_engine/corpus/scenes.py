@@ -52,7 +52,8 @@ def paint_background(scene: str, size: int, rng: np.random.Generator) -> Image.I
     s = size / 96.0
     if scene == "beach":  # a sea band between sky and sand, with a foam line
         sea_bottom = hy + int(size * rng.uniform(0.08, 0.14))
-        draw.rectangle([0, hy, size, sea_bottom], fill=tuple(_jitter((45, 120, 200), rng).astype(int)))
+        sea = tuple(int(v) for v in _jitter((45, 120, 200), rng))
+        draw.rectangle([0, hy, size, sea_bottom], fill=sea)
         draw.line([0, sea_bottom, size, sea_bottom], fill=(245, 245, 240), width=max(1, int(2 * s)))
     elif scene == "night":  # dark hills
         pts = [(0, hy)] + [(x, hy - rng.uniform(0, 8 * s)) for x in np.linspace(0, size, 6)]

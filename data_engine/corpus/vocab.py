@@ -131,7 +131,7 @@ OBJECTS: tuple[ObjectClass, ...] = (
     ObjectClass("ice cream", "ice creams", ("pink", "white", "brown", "green", "yellow"),
                 0.55, "any", 15, scenes=("beach",)),
     ObjectClass("light bulb", "light bulbs", ("yellow", "white", "orange"), 0.65, "any", 20,
-                scenes=("room",), synonyms=(("lightbulb", "lightbulbs"), ("bulb", "bulbs"))),
+                scenes=("room",), synonyms=(("bulb", "bulbs"),)),  # "lightbulbs" lemma fails
     ObjectClass("clock", "clocks", aspect=1.0, zone="any", max_rot=10, scenes=("room",)),
     ObjectClass("cup", "cups", aspect=1.2, zone="any", max_rot=8, patternable=True,
                 scenes=("room",)),

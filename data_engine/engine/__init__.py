@@ -79,6 +79,21 @@ class EngineResult(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict)
 
 
+def _check_model(model, names: Sequence[str], cfgs: Sequence[EngineConfig]) -> list[EngineConfig]:
+    """The model's tag set must be the label system (class i = label id i); captioning needs a
+    model built with its caption branch (else that switch is turned off, with a warning)."""
+    tag_names = getattr(model, "tag_names", None)
+    if tag_names is not None and list(tag_names) != list(names):
+        raise ValueError(f"model tag set ({len(tag_names)} tags) differs from the label system ({len(names)}): "
+                         "the engine needs the preliminary model trained on this label system")
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "caption", True) is False:
+        if any(c.captioning for c in cfgs):
+            log.warning("model has no caption branch: captioning switched off")
+        return [c.model_copy(update={"captioning": False}) for c in cfgs]
+    return list(cfgs)
+
+
 def _thresholds(model, num_classes: int) -> np.ndarray:
     thr = getattr(model, "thresholds", None)
     if thr is None:
@@ -167,6 +182,7 @@ def engine_variants(
     candidate tag); each variant then takes its own labels and cleans its own pairs, exactly as
     if it had run alone (same per-pair regions, embeddings and scores).
     """
+    variants = dict(zip(variants, _check_model(model, names, list(variants.values()))))
     cfgs = list(variants.values())
     torch.manual_seed(cfgs[0].seed)
     thresholds = _thresholds(model, len(names))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 SOURCES: tuple[str, ...] = ("embedded", "img2dataset", "coco", "table")
 
@@ -40,6 +40,17 @@ class IngestConfig(BaseModel):
     caption_column: str = Field("caption", description="table source: column with captions")
     key_column: str | None = Field(None, description="table source: key column (default: image file stem)")
     progress: bool = Field(True, description="show tqdm progress bars")
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _within_pil_limit(cls, value: int) -> int:
+        """PIL's own bomb warning (turned into an error while ingesting) fires above
+        ``Image.MAX_IMAGE_PIXELS``; a larger cap could never be reached, so refuse it."""
+        from PIL import Image
+
+        if Image.MAX_IMAGE_PIXELS is not None and value > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_pixels {value} exceeds PIL's limit Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}")
+        return value
 
 
 class SplitCounts(BaseModel):

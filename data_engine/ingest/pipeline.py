@@ -206,12 +206,17 @@ def _shard_job(args: tuple[Any, str, int, str, IngestConfig, str]) -> SplitCount
 def measure_written_noise(
     root: str | Path, splits: Sequence[str] = SPLITS, *, corpus: CorpusLike = CORPUS_MODULE,
 ) -> dict[str, dict[str, Any]]:
-    """Caption noise per split, from the ``truth`` written into the shards' ``{key}.json``."""
+    """Caption noise per split, from the ``truth`` written into the shards' ``{key}.json``.
+
+    Splits without shards or without truth (ingested from web-style sources) are left out.
+    """
     module = _corpus(corpus)
     noise = {}
     for split in splits:
-        truths = [s.meta[TRUTH_FIELD] for s in iter_samples(list_shards(root, split), decode=False)]
-        noise[split] = module.measure_noise(truths)
+        samples = iter_samples(list_shards(root, split), decode=False)
+        truths = [s.meta[TRUTH_FIELD] for s in samples if TRUTH_FIELD in s.meta]
+        if truths:
+            noise[split] = module.measure_noise(truths)
     return noise
 
 

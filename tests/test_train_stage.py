@@ -1,0 +1,73 @@
+"""The training stage: MLflow logging (tmp sqlite store) and DeepSpeed ZeRO-2 with 2 processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from _train_helpers import make_split, write_label_system
+from data_engine.formats import labels_path
+from ram_model.tracking import start_pipeline_run, tracking_uri
+from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage
+
+HELPERS = str(Path(__file__).parent)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_split(root, "pretrain", [24, 24], unlabeled_every=9)
+    write_label_system(root)
+    return root
+
+
+def _cfg(**kw) -> TrainStageConfig:
+    base = dict(model="_train_helpers:tiny_tagger", batch_size=8, micro_batch_size=4, max_steps=5,
+                checkpoint_every=5, warmup_steps=1, lr=1e-2, num_workers=1, validation_fraction=0.0, seed=0)
+    base.update(kw)
+    return TrainStageConfig(**base)
+
+
+def test_train_stage_logs_a_nested_mlflow_run(root, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data_root = tmp_path / "dr"
+    data_root.symlink_to(root, target_is_directory=True)
+    parent = start_pipeline_run(data_root)
+    out = tmp_path / "models" / "preliminary_model"
+    result = train_stage(_cfg(), data_root, out, labels_path(root, "pretrain"), None, parent, evaluate_after=False)
+    uri = tracking_uri(data_root)
+    assert uri == f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
+    client = MlflowClient(uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["stage.engine"] == "torch" and run.data.params["total_steps"] == "5"
+    losses = client.get_metric_history(result.mlflow_run_id, "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5]
+    assert {"train/lr", "train/samples_per_s", "train/loss_tag", "train/loss_caption"} <= set(run.data.metrics)
+    assert run.data.metrics["data/skipped_no_labels"] == 5  # 48 images, every 9th unlabelled
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}
+    assert "plots/loss_curve.png" in artifacts
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert result.checkpoint.exists() and result.metrics["steps"] == 5
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to((root / "mlflow" / "artifacts").resolve())
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_with_two_processes(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "ds"
+    result = launch_train_stage(_cfg(engine="deepspeed", zero_stage=2), root, out, labels_path(root, "pretrain"),
+                                nproc=2, timeout_s=900, evaluate_after=False)
+    m = result.metrics
+    assert m["world_size"] == 2 and m["steps"] == 5 and m["engine"] == "deepspeed"
+    assert 0 < m["final_loss"] < 10
+    ckpt = out / "checkpoints" / "step_00000005" / "engine"
+    # ZeRO-2 partitions the optimizer state: one file per rank
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2
+    assert result.checkpoint.exists()
