@@ -35,7 +35,10 @@ class LabelSystemConfig(BaseModel):
     """Settings of the label-system stage (``label_system:`` in params.yaml)."""
 
     min_freq: int = 3
-    seed_files: list[str] = ["coco80", "imagenet1k"]  # names in resources/seeds or paths
+    # Seed vocabularies: names in resources/seeds ("coco80", "imagenet1k") or RAM-format paths.
+    # imagenet1k is shipped but not on by default: its names are idiosyncratic ("beacon" for
+    # lighthouse, "projectile" for rocket) and would capture tags of those synsets.
+    seed_files: list[str] = ["coco80"]
     synonyms_file: Path = RESOURCES / "synonyms.txt"
     categories: list[str] = list(CATEGORIES)  # categories of corpus tags admitted as labels
     wordnet_synonyms: bool = True
@@ -238,12 +241,19 @@ class _WordNetMerger:
         for rank, s in enumerate(self.senses(name, 2), start=1):
             self._synset_to_label.setdefault((s.name(), category), (idx, rank))
 
-    def synonym_of(self, tag: str, category: str) -> int | None:
+    def synonym_of(self, tag: str, category: str, freq: list[int], n: int) -> int | None:
+        """The most observed label sharing a synset with ``tag`` (seen at least ``n`` times).
+
+        Requiring the label to be at least as frequent as the tag makes the more frequent
+        form canonical and keeps observed tags off unobserved seed names.
+        """
+        best = None
         for rank, s in enumerate(self.senses(tag, self.cfg.max_sense_rank), start=1):
             hit = self._synset_to_label.get((s.name(), category))
-            if hit is not None and (hit[1] == 1 or rank <= 2):
-                return hit[0]
-        return None
+            if hit is not None and (hit[1] == 1 or rank <= 2) and freq[hit[0]] >= n:
+                if best is None or freq[hit[0]] > freq[best]:
+                    best = hit[0]
+        return best
 
     def hypernym_target(self, tag: str) -> str | None:
         """Rule target reached from the tag's first sense (not from a named instance)."""
@@ -324,7 +334,7 @@ def build_label_system(parsed: list[Path], cfg: LabelSystemConfig, out_dir: Path
                     wn.index_label(hyper, target, cat)
                 how = "hypernym"
             else:
-                target = wn.synonym_of(tag, cat)
+                target = wn.synonym_of(tag, cat, [lab.freq for lab in ls.labels], n)
                 how = "wordnet"
         if target is not None:
             ls.add_synonym(target, tag)

@@ -84,7 +84,7 @@ class ParseConfig(BaseModel):
     compound_files: list[Path] = [RESOURCES / "seeds" / "coco80.txt",
                                   RESOURCES / "seeds" / "imagenet1k.txt"]
     """Names whose adjective+noun spans stay together ("hot dog"); noun+noun always do."""
-    wordnet_compounds: bool = False      # also every WordNet multi-word noun (noisy: "black cat")
+    wordnet_compounds: bool = True  # also non-compositional WordNet adj+noun ("light bulb")
     wordnet_verbs: bool = True  # WordNet checks lemmas: verbs (ride, not rid), ADJ-tagged nouns (geese)
     nltk_data: Path | None = None        # where WordNet is set up (default ~/.cache/ramflow)
 
@@ -176,10 +176,12 @@ class CaptionParser:
         for path in self.cfg.compound_files:
             names += read_word_list(path)
         compounds = {" ".join(c.lower().split()) for c in names if " " in c.strip()}
+        self._wn_compounds = None
+        self._join_cache: dict[str, bool] = {}
         if self.cfg.wordnet_compounds:
             from data_engine.wordnet import multiword_nouns
 
-            compounds |= multiword_nouns(self.cfg.nltk_data)
+            self._wn_compounds = multiword_nouns(self.cfg.nltk_data)
         self.compounds = frozenset(compounds | {s for s in self.scenes if " " in s})
         self.max_compound_words = max((c.count(" ") + 1 for c in self.compounds), default=1)
         self.keep = frozenset(self.cfg.categories)
@@ -189,6 +191,8 @@ class CaptionParser:
             from data_engine.wordnet import load_wordnet
 
             self._wn = load_wordnet(self.cfg.nltk_data)
+        if self._wn is None:
+            self._wn_compounds = None  # the join test needs the WordNet reader
 
     # -- negation -----------------------------------------------------------------------
     @staticmethod
@@ -261,6 +265,26 @@ class CaptionParser:
         self._verb_cache[low] = result
         return result
 
+    def _wordnet_join(self, phrase: str) -> bool:
+        """Adjective + noun that WordNet lists as a non-compositional noun ("light bulb").
+
+        Not when the adjective is an attribute word ("black cat") or the compound is a kind
+        of its head noun ("young man" is a man): then adjective and noun stay apart.
+        """
+        if self._wn_compounds is None or phrase not in self._wn_compounds:
+            return False
+        if phrase in self._join_cache:
+            return self._join_cache[phrase]
+        words = phrase.split()
+        ok = words[0] not in self.attribute_kind
+        if ok:
+            compound = self._wn.synsets(phrase.replace(" ", "_"), "n")[:1]
+            heads = set(self._wn.synsets(words[-1], "n"))
+            ok = bool(compound) and not any(h in heads for path in compound[0].hypernym_paths()
+                                            for h in path[:-1])
+        self._join_cache[phrase] = ok
+        return ok
+
     def _adj_as_noun(self, tok) -> bool:
         """An "adjective" in a noun slot that WordNet knows only as a noun ("geese")."""
         if tok.pos_ != "ADJ" or tok.dep_ not in _NOMINAL_DEPS or self._wn is None:
@@ -280,7 +304,10 @@ class CaptionParser:
                 j = i
                 while j + 1 < n and doc[j + 1].pos_ in _NOUN_POS and doc[j].whitespace_:
                     j += 1
-                yield i, j
+                k = j
+                while k > i and self._lemma(doc[k]) in self.nonvisual:  # "clocks today"
+                    k -= 1
+                yield i, k
                 i = j + 1
             else:
                 i += 1
@@ -299,7 +326,8 @@ class CaptionParser:
         toks = [doc[k] for k in range(start, last + 1)]
         words = [t.lower_ for t in toks[:-1]] + [self._lemma(toks[-1])]
         for k in range(max(0, len(words) - self.max_compound_words), len(words) - 1):
-            if " ".join(words[k:]) in self.compounds:
+            phrase = " ".join(words[k:])
+            if phrase in self.compounds or (k < first - start and self._wordnet_join(phrase)):
                 return words[k:], toks[k].i
         k = first - start
         while k < len(words) - 1 and words[k] in self.attribute_kind:
@@ -334,7 +362,8 @@ class CaptionParser:
             if tok.i in neg or tok.i in used:
                 continue
             low = tok.lower_
-            if low in self.attribute_kind and tok.pos_ in ("ADJ", "NOUN", "PROPN", "VERB"):
+            if low in self.attribute_kind and (tok.pos_ in ("ADJ", "NOUN", "PROPN") or (
+                    tok.pos_ == "VERB" and tok.dep_ in ("amod", "acomp"))):  # not "we spotted"
                 if tok.head.i not in neg:
                     add(low, "attribute")
             elif tok.pos_ == "VERB":

@@ -61,7 +61,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the model saved by :func:`save_model` (no pretrained weights are read), in eval mode."""
     blob = read_checkpoint(path)
     tokenizer = tokenizer_from_state(blob["tokenizer"]) if blob.get("tokenizer") else None
-    model = create_model(blob["model_name"], pretrained=False, tokenizer=tokenizer, **blob["overrides"])
+    model = create_model(blob["model_name"], pretrained=False, caption_tokenizer=tokenizer, **blob["overrides"])
     state = blob["state_dict"]
     model.set_tags(blob["tag_names"], state["label_embed"], blob["thresholds"])
     model.load_state_dict(state, strict=True)

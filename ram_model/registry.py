@@ -191,7 +191,7 @@ def create_model(
     pretrained: bool = True,
     tag_names: list[str] | None = None,
     tag_embeddings: Any = None,
-    tokenizer: Any = None,
+    caption_tokenizer: Any = None,
     **overrides: Any,
 ):
     """Build ``name`` with ``overrides``.
@@ -199,11 +199,13 @@ def create_model(
     ``pretrained=False`` skips every weight file (backbone and teacher), e.g. to count parameters.
     ``tag_names`` without ``tag_embeddings`` embeds the names with the config's text encoder
     (disk-cached); with neither the model starts with an empty tag set (call ``set_tags``).
+    ``caption_tokenizer``: a ready tokenizer (e.g. a fitted ``WordTokenizer``) instead of the one
+    the config's ``tokenizer`` field names.
     """
     from ram_model.model import RamModel
 
     config = get_config(name, **overrides)
-    model = RamModel(config, pretrained=pretrained, tokenizer=tokenizer)
+    model = RamModel(config, pretrained=pretrained, tokenizer=caption_tokenizer)
     if tag_names is not None:
         if tag_embeddings is None:
             from ram_model.text_encoder import build_text_encoder, embed_tag_names

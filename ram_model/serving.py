@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,15 +141,20 @@ def example_images(data_root: str | Path, n: int = 2, split: str = "test") -> li
 
 
 def log_pyfunc(model_dir: str | Path, run_id: str | None, tracking_uri: str | None = None,
-               data_root: str | Path | None = None, name: str = "model") -> str:
-    """Log ``model_dir`` (a checkpoint folder) as a pyfunc model in ``run_id``; returns its uri."""
+               data_root: str | Path | None = None, name: str = "model",
+               example: Sequence[str] | None = None) -> str:
+    """Log the model of ``model_dir`` (a model folder or checkpoint file) as a pyfunc model in
+    ``run_id`` with signature and an input example (images of ``data_root``); returns its uri."""
+    from ram_model.checkpoint import resolve_checkpoint
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    examples = example_images(data_root, 1) if data_root is not None else []
+    checkpoint = resolve_checkpoint(model_dir)  # only the exported model file, not training checkpoints
+    examples = list(example) if example is not None else example_images(data_root, 1) if data_root is not None else []
     example = (pd.DataFrame({IMAGE_COLUMN: examples}), {"threshold": 0.5}) if examples else None
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=RamTaggerModel(), artifacts={"checkpoint": str(model_dir)},
+            name=name, python_model=RamTaggerModel(), artifacts={"checkpoint": str(checkpoint)},
             signature=SIGNATURE, input_example=example,
         )
     log.info("logged pyfunc %s", info.model_uri)

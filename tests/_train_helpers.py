@@ -44,9 +44,11 @@ def make_split(root: Path, split: str, shard_sizes: list[int], unlabeled_every: 
                 key = f"{split}_{n:05d}"
                 color = rng.choice(list(COLORS))
                 wh = rng.choice([(32, 32), (48, 24)])
-                w.write(key, _jpeg(COLORS[color], wh), f"a {color} thing",
-                        {"key": key, "split": split, "source": "test", "width": wh[0], "height": wh[1], "sha256": ""})
-                ids = [TAGS.index(color), TAGS.index("square" if wh[0] == wh[1] else "wide")]
+                shape = "square" if wh[0] == wh[1] else "wide"
+                meta = {"key": key, "split": split, "source": "test", "width": wh[0], "height": wh[1], "sha256": "",
+                        "truth": {"tags": [color, shape]}}
+                w.write(key, _jpeg(COLORS[color], wh), f"a {color} {shape} thing", meta)
+                ids = [TAGS.index(color), TAGS.index(shape)]
                 if not (unlabeled_every and n % unlabeled_every == unlabeled_every - 1):
                     rows.append((key, ids))
                     keys.append(key)

@@ -28,8 +28,8 @@ def test_round_trip_weights_only(tmp_path):
 
 def test_model_folder_and_word_tokenizer(tmp_path):
     tok = WordTokenizer(64).fit(["a red cat", "a blue dog"])
-    model = tiny_model(tokenizer="word", word_vocab_size=64)
-    model.tokenizer = tok
+    model = tiny_model(tokenizer="word", word_vocab_size=64, caption_tokenizer=tok)
+    assert model.text_decoder.word_embeddings.num_embeddings == 64
     path = save_checkpoint(model, tmp_path / "stage", thresholds=[0.3] * len(TAGS))
     assert path.name == "model.pt" and (tmp_path / "stage" / "thresholds.json").exists()
     loaded = load_model(tmp_path / "stage")

@@ -71,3 +71,26 @@ def test_deepspeed_zero2_with_two_processes(root, tmp_path, monkeypatch):
     # ZeRO-2 partitions the optimizer state: one file per rank
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2
     assert result.checkpoint.exists()
+
+
+def test_ram_tiny_stage_calibrates_evaluates_and_exports(root, tmp_path, monkeypatch):
+    """The registry model end to end: train, calibrate on held-out keys, test mAP, model.pt."""
+    from ram_model.checkpoint import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data_root = tmp_path / "dr"
+    for sub in ("raw", "labels", "label_system"):
+        (data_root / sub).mkdir(parents=True)
+    (data_root / "raw" / "pretrain").symlink_to(root / "raw" / "pretrain", target_is_directory=True)
+    (data_root / "labels" / "pretrain.parquet").symlink_to(root / "labels" / "pretrain.parquet")
+    write_label_system(data_root)
+    make_split(data_root, "test", [16], seed=5)
+    cfg = _cfg(model="ram_tiny", max_steps=3, validation_fraction=0.25, eval_batch_size=16,
+               model_overrides={"caption_layers": 1})
+    result = train_stage(cfg, data_root, tmp_path / "out", labels_path(root, "pretrain"))
+    m = result.metrics
+    assert m["steps"] == 3 and m["val/num_images"] > 0 and 0.0 <= m["test/mAP"] <= 1.0
+    assert m["test/num_images"] == 16
+    model = load_model(result.checkpoint)
+    assert model.tag_names[:2] == ["red", "green"] and len(model.thresholds) == 6
+    assert (tmp_path / "out" / "thresholds.json").exists()

@@ -21,7 +21,7 @@ PRE = ("Photo of", "A photo of", "Picture of", "Snapshot of", "Look at", "Check 
 INTERJECTIONS = ("Lovely!", "Amazing day!", "What a day!", "So beautiful.", "Best vacation ever!",
                  "Good times.", "Love it!", "Such a nice afternoon.", "Memories from my vacation.",
                  "Perfect weekend.", "Can't wait to come back!", "Wonderful trip.",
-                 "Happy times with my family.", "Nice view.", "Having fun!")
+                 "Happy times.", "Nice view.", "Having fun!")
 OPENERS = ("My vacation:", "Our trip:", "Weekend vibes:", "Today:", "Lovely afternoon:",
            "Summer memories:", "Great day:")
 TAILS = ("lovely", "amazing", "so nice", "beautiful", "wonderful")

@@ -1,0 +1,100 @@
+"""Tagger on PIL / bytes / paths, custom tag lists, captions, and the tag/caption/models CLI."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _model_helpers import TAGS, FakeTextEncoder, fake_embeddings, tiny_model
+from ram_model.checkpoint import save_model
+from ram_model.inference import Tagger, load_image, preprocess
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_model(tiny_model(), tmp_path_factory.mktemp("ckpt") / "m.pt")
+
+
+def _images(tmp_path):
+    pil = Image.new("RGB", (120, 80), (200, 30, 30))
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (30, 200, 30)).save(buf, format="PNG")
+    path = tmp_path / "blue.jpg"
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(path)
+    return [pil, buf.getvalue(), str(path), path]
+
+
+def test_preprocess_normalises():
+    x = preprocess([Image.new("RGB", (10, 20), (255, 0, 127))], {"image_size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert x.shape == (1, 3, 8, 8)
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 127 / 255 * 2 - 1]), atol=1e-6)
+    with pytest.raises(TypeError):
+        load_image(123)
+
+
+def test_tagger_inputs_agree(checkpoint, tmp_path):
+    tagger = Tagger.from_checkpoint(checkpoint, batch_size=3)
+    imgs = _images(tmp_path)
+    scores = tagger.scores(imgs)
+    assert scores.shape == (4, len(TAGS))
+    np.testing.assert_allclose(scores[2], scores[3], rtol=1e-6)  # str path == Path
+    single = tagger.scores([load_image(imgs[1])])
+    np.testing.assert_allclose(single[0], scores[1], rtol=1e-5, atol=1e-6)  # batching-independent
+    res = tagger.tag(imgs, threshold=0.0)
+    assert len(res) == 4 and all(len(r) == len(TAGS) for r in res)
+    assert [s for _, s in res[0]] == sorted((s for _, s in res[0]), reverse=True)
+    assert all(len(r) == 2 for r in tagger.tag(imgs, threshold=0.0, top_k=2))
+    assert tagger.tag(imgs, threshold=1.01) == [[], [], [], []]
+    caps = tagger.caption(imgs)
+    assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
+
+
+def test_tagger_custom_tags(checkpoint, tmp_path):
+    tagger = Tagger.from_checkpoint(checkpoint)
+    imgs = _images(tmp_path)[:2]
+    before = tagger.scores(imgs)
+    custom = ["cat", "zebra", "tree"]
+    enc = FakeTextEncoder()
+    res = tagger.tag(imgs, threshold=0.0, tags=None)
+    assert {t for t, _ in res[0]} == set(TAGS)
+    tagger.set_tags(custom, text_encoder=enc, cache_dir=tmp_path / "cache")
+    assert tagger.tag_names == custom and tagger.scores(imgs).shape == (2, 3)
+    assert (tmp_path / "cache").is_dir() and enc.calls == 1
+    tagger.set_tags(TAGS, embeddings=fake_embeddings(TAGS))
+    np.testing.assert_allclose(tagger.scores(imgs), before, rtol=1e-5)
+
+
+def test_tag_call_with_custom_list_restores_tag_set(checkpoint, tmp_path, monkeypatch):
+    import ram_model.text_encoder as te
+
+    monkeypatch.setattr(te, "build_text_encoder", lambda name: FakeTextEncoder())
+    monkeypatch.setenv(te.CACHE_ENV, str(tmp_path))
+    tagger = Tagger.from_checkpoint(checkpoint)
+    res = tagger.tag(_images(tmp_path)[:1], threshold=0.0, tags=["dog", "kite"])
+    assert {t for t, _ in res[0]} == {"dog", "kite"}
+    assert tagger.tag_names == TAGS
+
+
+def test_cli_tag_caption_models(checkpoint, tmp_path, capsys, monkeypatch):
+    import ram_model.text_encoder as te
+    from orchestration.cli import main
+
+    monkeypatch.setattr(te, "build_text_encoder", lambda name: FakeTextEncoder())
+    monkeypatch.setenv(te.CACHE_ENV, str(tmp_path / "cache"))
+    paths = [str(p) for p in _images(tmp_path)[2:]]
+    assert main(["tag", *paths, "--checkpoint", str(checkpoint), "--threshold", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and set(lines[0].split(" | ")) == set(TAGS)
+    tag_file = tmp_path / "tags.txt"
+    tag_file.write_text("beach\n# comment\nsky\n\n")
+    assert main(["tag", paths[0], "--checkpoint", str(checkpoint), "--tags", str(tag_file), "--threshold", "0"]) == 0
+    assert set(capsys.readouterr().out.strip().split(" | ")) == {"beach", "sky"}
+    assert main(["caption", *paths, "--checkpoint", str(checkpoint)]) == 0
+    assert capsys.readouterr().out.count("\n") == 2  # one line per image (may be empty untrained)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "ram_swin_l_384" in out and "ram_tiny" in out
