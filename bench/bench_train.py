@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--no-caption", action="store_true", help="tagging branch only (halves a CPU step)")
     p.add_argument("--synthetic-samples", type=int, default=2000)
     p.add_argument("--smooth", type=int, default=10, help="moving-average window of the loss-curve comparison")
     p.add_argument("--out", type=Path, help="write the results JSON here")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, engine=engine, zero_stage=zero, max_steps=args.steps, batch_size=args.batch_size,
                 micro_batch_size=args.micro_batch_size if nproc == 1 else args.batch_size // 2,
                 num_workers=args.num_workers, checkpoint_every=10**6, warmup_steps=5, validation_fraction=0.0,
-                resume=False,
+                resume=False, caption=not args.no_caption,
             )
             out = tmp / f"{engine}_{nproc}"
             res = launch_train_stage(cfg, root, out, [labels_path(root, "pretrain")], nproc=nproc,

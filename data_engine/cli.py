@@ -95,6 +95,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the data-engine subcommands to the ``ramflow`` parser."""
+    from data_engine.corpus import cli as corpus_cli
+
+    corpus_cli.register(subparsers)
     _register_ingest(subparsers)
     from data_engine import parse_cli  # `parse` and `labels` (parsing / label-system engineer)
 

@@ -183,7 +183,7 @@ class CaptionParser:
 
             self._wn_compounds = multiword_nouns(self.cfg.nltk_data)
         self.compounds = frozenset(compounds | {s for s in self.scenes if " " in s})
-        self.max_compound_words = max((c.count(" ") + 1 for c in self.compounds), default=1)
+        self.max_compound_words = max([3] + [c.count(" ") + 1 for c in self.compounds])
         self.keep = frozenset(self.cfg.categories)
         self._verb_cache: dict[str, str | None] = {}
         self._wn = None

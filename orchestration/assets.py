@@ -98,8 +98,11 @@ def _make_asset(spec: StageSpec, partitions_def: dg.PartitionsDefinition | None)
             storage = RamflowStorage(params_path=config.params_path, data_root=storage.data_root)
         env = stage_env(storage, mlflow, launcher)
         if spec.name in _MODEL_STAGES and not env.mlflow.parent_run_id:
-            # one MLflow pipeline run per Dagster run: the parent of its training runs
-            parent = pipeline_run_for_tag(env, "dagster.run_id", context.run_id)
+            # one MLflow pipeline run per Dagster run or backfill: the parent of its training runs
+            # (a backfill's runs share its id, so all its training runs share one parent)
+            backfill = context.run.tags.get("dagster/backfill")
+            parent = (pipeline_run_for_tag(env, "dagster.backfill", backfill) if backfill
+                      else pipeline_run_for_tag(env, "dagster.run_id", context.run_id))
             env = dataclasses.replace(env, mlflow=dataclasses.replace(env.mlflow, parent_run_id=parent))
         keys = list(context.partition_keys) if spec.partitioned else None
         outcome = run_stage(spec.name, env, keys, _overrides(config))

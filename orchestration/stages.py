@@ -139,38 +139,52 @@ def _merge_parsed(env: StageEnv, split: str) -> int:
     return 0 if table is None else table.num_rows
 
 
+def _write_parts_from_split(env: StageEnv, split: str) -> None:
+    """Cut ``parsed/{split}.parquet`` into per-shard parts (keys of each shard from its raw
+    manifest part), so a later single-partition run can re-merge the split."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from data_engine.ingest.writer import part_paths
+
+    parts = env.data_root / "parsed" / "parts"
+    for old in parts.glob(f"{split}-*.parquet"):
+        old.unlink()
+    table = pq.read_table(formats.parsed_path(env.data_root, split))
+    for shard in formats.list_shards(env.data_root, split):
+        index = int(shard.stem.rsplit("-", 1)[1])
+        keys = pq.read_table(part_paths(env.data_root, split, index)[0], columns=["key"]).column("key")
+        pq.write_table(table.filter(pc.is_in(table.column("key"), value_set=keys)),
+                       parts / f"{shard_key(split, index)}.parquet")
+
+
 def run_parsed_tags(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
-    """Captions -> tags. ``keys`` given: one parse part per shard, merged per split."""
+    """Captions -> tags, per split. A run holding every shard of a split parses it in one call
+    (one parser load) and also keeps per-shard parts; a run holding some shards of a split
+    parses those into parts and re-merges ``parsed/{split}.parquet`` from all parts."""
     from data_engine.parsing import ParseConfig, parse_split
 
     cfg = _cfg(ParseConfig, "parse", env, overrides)
     summaries: dict[str, Any] = {}
-    formats.parsed_path(env.data_root, "x").parent.mkdir(parents=True, exist_ok=True)
+    parts = env.data_root / "parsed" / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
     if keys is None:
-        shutil.rmtree(env.data_root / "parsed" / "parts", ignore_errors=True)
-        for split in formats.SPLITS:
-            shards = formats.list_shards(env.data_root, split)
-            if shards:
-                summaries[split] = parse_split(shards, formats.parsed_path(env.data_root, split), cfg)
-    else:
-        parts = env.data_root / "parsed" / "parts"
-        parts.mkdir(parents=True, exist_ok=True)
-        for split, indices in group_by_split(keys).items():
-            shards = formats.list_shards(env.data_root, split)
-            if len(shards) == len(indices) and {formats.shard_path(env.data_root, split, i) for i in indices} == set(shards):
-                # the run holds every shard of the split: one parse call (one parser load)
-                summaries[split] = parse_split(shards, formats.parsed_path(env.data_root, split), cfg)
-                for part in parts.glob(f"{split}-*.parquet"):
-                    part.unlink()
+        keys = [p.stem for split in formats.SPLITS for p in formats.list_shards(env.data_root, split)]
+    for split, indices in group_by_split(keys).items():
+        wanted = [formats.shard_path(env.data_root, split, i) for i in indices]
+        missing = [p for p in wanted if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} missing: materialize raw_pairs ({split}) first")
+        with _lock(env, f"parsed_{split}"):
+            if set(wanted) == set(formats.list_shards(env.data_root, split)):
+                summaries[split] = parse_split(sorted(wanted), formats.parsed_path(env.data_root, split), cfg)
+                _write_parts_from_split(env, split)
                 continue
-            for index in indices:
-                key = shard_key(split, index)
-                shard = formats.shard_path(env.data_root, split, index)
-                if not shard.exists():
-                    raise FileNotFoundError(f"{shard} missing: materialize raw_pairs partition {key} first")
-                summaries[key] = parse_split([shard], parts / f"{key}.parquet", cfg)
-            with _lock(env, f"parsed_{split}"):
-                _merge_parsed(env, split)
+        for index, shard in zip(indices, wanted):
+            key = shard_key(split, index)
+            summaries[key] = parse_split([shard], parts / f"{key}.parquet", cfg)
+        with _lock(env, f"parsed_{split}"):
+            _merge_parsed(env, split)
     data = {k: _jsonable(v.as_dict()) for k, v in summaries.items()}
     metrics: dict[str, Any] = {name: sum(d[name] for d in data.values())
                                for name in ("captions", "parsed", "tags", "no_tags")}

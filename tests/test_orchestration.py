@@ -38,9 +38,9 @@ def _dagster_home(tmp_path_factory, monkeypatch):
 
 
 def _materialize(defs: dg.Definitions, selection, instance) -> dg.ExecuteInProcessResult:
-    """Materialize a selection of ``defs`` with its bound resources."""
+    """Materialize a selection of ``defs`` (its resolved assets carry its resources)."""
     return dg.materialize(list(defs.resolve_asset_graph().assets_defs), selection=selection,
-                          resources=defs.resources, instance=instance, raise_on_error=False)
+                          instance=instance, raise_on_error=False)
 
 
 def _tiny_params(tmp_path: Path, **sections) -> Path:
