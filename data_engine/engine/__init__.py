@@ -171,7 +171,7 @@ def engine_variants(
     out_paths: Mapping[str, Path],
     report_dirs: Mapping[str, Path],
     caption_to_ids: Callable[[list[str]], list[list[int]]] | None = None,
-    truth: Mapping[str, set[int]] | None = None,
+    truth: Mapping[str, set[int]] | Callable[[set[str]], Mapping[str, set[int]]] | None = None,
     image_loader: Callable[[set[str]], Mapping[str, Image.Image]] | None = None,
     total: int | None = None,
     extra_skipped: Counter | None = None,
@@ -189,6 +189,8 @@ def engine_variants(
     state = stream_labels(model, samples, parsed, thresholds, _stream_options(cfgs), caption_to_ids,
                           torch.device(cfgs[0].device), total)
     skipped = Counter(state.skipped) + Counter(extra_skipped or {})
+    if callable(truth):  # evaluation only, read after the pass for the processed keys
+        truth = truth(set(state.keys))
     return {
         name: finish_engine(state, thresholds, names, cfg, Path(out_paths[name]), Path(report_dirs[name]),
                             truth, image_loader, skipped)
@@ -375,15 +377,18 @@ def run_engine_variants(
     wants_captions = any(c.generation and c.captioning for c in cfgs)
     caption_to_ids = _caption_parser(label_system) if wants_captions else None
 
-    # evaluation only: the truth is read here for the report, never passed to the engine pass
-    raw_truth = load_truth(shards)
-    truth, oov = truth_ids(raw_truth, label_system.id_of) if raw_truth else ({}, 0)
-    if raw_truth:
+    def truth_for(keys: set[str]) -> dict[str, set[int]] | None:
+        """Evaluation only: truth of the processed keys, read after the engine pass."""
+        raw_truth = load_truth(shards, keys)
+        if not raw_truth:
+            return None
+        truth, oov = truth_ids(raw_truth, label_system.id_of)
         log.info("truth for %d images (%d truth tags outside the label system)", len(truth), oov)
+        return truth
 
     skipped: Counter = Counter()
     return engine_variants(
         model, iter_shard_samples(shards, skipped), parsed, names, variants, out_paths, report_dirs,
-        caption_to_ids=caption_to_ids, truth=truth or None,
+        caption_to_ids=caption_to_ids, truth=truth_for,
         image_loader=lambda keys: load_images(shards, keys), total=len(parsed), extra_skipped=skipped,
     )

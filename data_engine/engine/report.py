@@ -40,6 +40,8 @@ def load_truth(shards: Iterable[Path], keys: set[str] | None = None) -> dict[str
         truth = sample.meta.get(TRUTH_FIELD)
         if truth is not None:
             out[sample.key] = list(truth.get("tags", []))
+        if keys is not None and len(out) == len(keys):
+            break
     return out
 
 
