@@ -88,13 +88,20 @@ def _train(stage: str, params, overrides: dict, root: Path, out_dir: Path, label
 
 
 def _evaluate(models: dict[str, Path], root: Path, params, out_dir: Path) -> dict[str, dict]:
-    """Test metrics per model through the evaluation package (mAP and friends)."""
-    from ram_model.evaluate import EvaluationConfig, evaluate_models
+    """Test metrics per model (``mAP``, micro/macro P/R/F1) through the evaluation package."""
+    from ram_model import evaluate as ev
 
-    cfg = stage_config(EvaluationConfig, "evaluation", params)
-    report = evaluate_models(models, root, cfg, out_dir)
-    data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
-    return data["models"]
+    if hasattr(ev, "evaluate_models"):
+        cfg = stage_config(ev.EvaluationConfig, "evaluation", params)
+        report = ev.evaluate_models(models, root, cfg, out_dir)
+        data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
+        return data["models"]
+    from ram_model.checkpoint import load_model
+
+    out = {name: ev.evaluate_split(load_model(path), root, "test") for name, path in models.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return out
 
 
 def _fmt(value) -> str:
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
         rows.append({
             "row": row, "model": mid, "what": what,
-            "test_mAP": m.get("mAP", m.get("map")), "test_F1": m.get("F1", m.get("f1")),
+            "test_mAP": m.get("mAP"), "test_F1": m.get("micro_f1", m.get("F1")),
             "label_precision": eng.get("precision"), "label_recall": eng.get("recall"),
             "train_s": train_s.get(mid),
         })

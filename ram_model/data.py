@@ -55,6 +55,7 @@ class LabelTable:
     parsed: dict[str, list[int]]
     num_classes: int
     source_column: str = "parse_label_ids"
+    empty: set[str] = field(default_factory=set)  # keys whose label list is empty (not trained on)
 
     def __contains__(self, key: str) -> bool:
         return key in self.tags
@@ -67,6 +68,7 @@ def load_label_table(paths: Path | Sequence[Path], num_classes: int) -> LabelTab
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     tags: dict[str, list[int]] = {}
     parsed: dict[str, list[int]] = {}
+    empty: set[str] = set()
     column = "parse_label_ids"
     for path in paths:
         names = pq.ParquetFile(path).schema_arrow.names
@@ -83,8 +85,14 @@ def load_label_table(paths: Path | Sequence[Path], num_classes: int) -> LabelTab
             bad = [i for i in chosen + pids if not 0 <= i < num_classes]
             if bad:
                 raise ValueError(f"{path}: key {key!r} has label ids {bad} outside 0..{num_classes - 1}")
+            if not chosen:
+                empty.add(key)
+                tags.pop(key, None)
+                parsed.pop(key, None)
+                continue
+            empty.discard(key)
             tags[key], parsed[key] = chosen, pids
-    return LabelTable(tags, parsed, num_classes, column)
+    return LabelTable(tags, parsed, num_classes, column, empty)
 
 
 def is_validation_key(key: str, fraction: float) -> bool:
@@ -314,7 +322,9 @@ class TrainLoader:
         for shard in self.shards:
             n = 0
             for key in shard.keys:
-                if key not in self.labels:
+                if key in self.labels.empty:
+                    self.counts["skipped_empty_labels"] += 1
+                elif key not in self.labels:
                     self.counts["skipped_no_labels"] += 1
                 elif is_validation_key(key, self.validation_fraction):
                     self.counts["held_out_validation"] += 1

@@ -47,6 +47,16 @@ def test_counts_add_up_and_unlabelled_are_skipped(root):
     assert all(k in labels for k in seen)
 
 
+def test_empty_label_lists_are_skipped_and_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = make_split(tmp_path, "pretrain", [8])
+    pq.write_table(pa.table({"key": keys, "parse_label_ids": [[] if i < 3 else [0] for i in range(len(keys))]}),
+                   labels_path(tmp_path, "pretrain"))
+    loader = _loader(tmp_path)
+    assert loader.counts["skipped_empty_labels"] == 3 and loader.counts["train_samples"] == 5
+    assert {k for b in _keys(loader.iter_epoch(0)) for k in b} <= set(keys[3:])
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
