@@ -5,8 +5,10 @@ split and `--parser cmd` adapter), so the figures compare with that harness's RE
 
 Steps: (1) parse the 25k COCO val2017 captions and build a label system from them (seeds +
 frequent tags + synonyms, as the pipeline does); (2) run the harness on coco_dev with
-`ramflow parse --label-system DIR` (persistent cmd adapter) and with its built-in `sng`
-adapter; (3) print P / R / F1 side by side.
+`ramflow parse` (persistent cmd adapter) in three settings: raw tags, tags normalized by the
+label system, and normalized object/scene tags only (`--only object,scene`: SceneGraphParser
+outputs entities only, while colour and action tags can collide with COCO names such as
+"orange" or "tie"); and with the harness's built-in `sng` adapter; (3) print P / R / F1.
 
     .venv/bin/python bench/bench_parse_quality.py [--harness DIR] [--work DIR]
 """
@@ -72,11 +74,15 @@ def main(argv=None) -> int:
                                       f"{sys.executable} -m orchestration.cli parse "
                                       f"--label-system {ls_dir}", "--dump", str(work / "ours.jsonl")],
                        work / "ours.json")
+    ours_obj = run_harness(args.harness, ["--parser", "cmd", "--cmd-persistent", "--cmd",
+                                          f"{sys.executable} -m orchestration.cli parse --only object,scene "
+                                          f"--label-system {ls_dir}", "--dump", str(work / "ours_obj.jsonl")],
+                           work / "ours_obj.json")
     sng = run_harness(args.harness, ["--parser", "sng"], work / "sng.json")
-    rows = {"ramflow+labels": ours, "ramflow raw": ours_raw, "sng": sng}
+    rows = {"ramflow+labels": ours, "ramflow raw": ours_raw, "ramflow obj+labels": ours_obj, "sng": sng}
     print(f"\n{'split':<8} {'parser':<16} {'P':>6} {'R':>6} {'F1':>6} {'mentR':>6}  TP/FP/FN")
     summary = {}
-    for split in ("dev", "holdout"):
+    for split in [s for s in ("dev", "holdout") if ours["eval"][s]["n_images"]]:
         for name, res in rows.items():
             m = res["eval"][split]["parser"]
             summary[f"{split}/{name}"] = {k: m[k] for k in ("precision", "recall", "f1", "mention_recall",

@@ -115,17 +115,26 @@ def main(argv=None) -> int:
     for n in (1, 2):
         res[f"ramflow_{n}proc"] = bench_ours(caps, n, args.batch_size, args.warmup)
         print(f"ramflow {n} proc: {res[f'ramflow_{n}proc']['captions_per_s']:.0f} cap/s", flush=True)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(res, indent=1))
+    def save() -> None:  # partial results survive an interrupted run
+        if args.json_out:
+            args.json_out.write_text(json.dumps(res, indent=1))
+    save()
     res["naive_nlp_per_caption"] = bench_naive(base, min(args.warmup, 200))
+    save()
     print(f"naive: {res['naive_nlp_per_caption']['captions_per_s']:.0f} cap/s", flush=True)
     try:
         res["sng"] = bench_sng(base, min(args.warmup, 200))
         print(f"sng: {res['sng']['captions_per_s']:.0f} cap/s", flush=True)
+        save()
     except ImportError as err:
         res["sng"] = {"error": f"sng_parser not importable: {err}"}
     for n in (5000, len(load_captions(args.captions, None))):
         out = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True,
                              text=True, check=True, cwd=ROOT)
         res[f"rss_{n}"] = json.loads(out.stdout.strip().splitlines()[-1])
+        save()
     print(f"\nload average at the end: {os.getloadavg()}")
     print("\n| parser | captions | cap/s (wall) | vs sng | vs naive | cap per CPU-s (1 proc) |"
           "\n|---|---|---|---|---|---|")

@@ -44,8 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--label-system", default=None, help="label system folder/JSON to normalize tags")
     p.add_argument("--unmapped", choices=("drop", "keep"), default="drop",
                    help="with --label-system: drop tags it cannot map (default) or keep them")
-    p.add_argument("--categories", action="store_true",
+    p.add_argument("--with-categories", action="store_true",
                    help="write [[tag, category], ...] instead of [tag, ...]")
+    p.add_argument("--only", default=None, metavar="CATS",
+                   help="comma-separated categories to output, e.g. object,scene (default: parse.categories)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--n-process", type=int, default=None)
     p.set_defaults(func=_cmd_parse)
@@ -74,8 +76,9 @@ def _parse_config(args):
     from data_engine.params import stage_config
     from data_engine.parsing import ParseConfig
 
+    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     return stage_config(ParseConfig, "parse", args.params, batch_size=args.batch_size,
-                        n_process=args.n_process)
+                        n_process=args.n_process, categories=only)
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
@@ -101,7 +104,7 @@ def _cmd_parse(args: argparse.Namespace) -> int:
     fout = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:
         stats = serve_lines(fin, fout, cfg, label_system, args.unmapped == "keep",
-                            args.categories, extra)
+                            args.with_categories, extra)
     finally:
         if fin is not sys.stdin:
             fin.close()

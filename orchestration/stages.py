@@ -302,6 +302,11 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
     metrics: dict[str, Any] = {}
     data = _jsonable(result)
     _flat("", {k: v for k, v in data.items() if k not in ("artifacts", "out_path")}, metrics)
+    if result.metrics:  # label quality per engine step against the corpus truth
+        from .plots import metrics_bars
+
+        metrics_bars(result.metrics, ["precision", "recall", "f1"], report_dir / "steps_vs_truth.png",
+                     "engine labels vs truth, per step")
     plots = [str(p) for p in sorted(report_dir.glob("*.png"))]
     return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots)
 

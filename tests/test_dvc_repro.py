@@ -132,6 +132,9 @@ def test_param_change_reruns_only_downstream(tmp_path, section, key, value):
 def test_dvc_repro_end_to_end_then_only_downstream(tmp_path):
     """A real tiny ``dvc repro`` (all 9 stages), then a param change reruns only downstream."""
     repo = make_copy(tmp_path)
+    # the rerun's model may score below the first one: let the gate promote it anyway
+    # (the gate itself is tested in test_orchestration.py)
+    set_param(repo, "registry", "tolerance", 1.0)
     out = _run([str(BIN / "dvc"), "repro"], repo, timeout=1500)
     for spec in STAGES:
         assert f"Running stage '{spec.name}'" in out

@@ -219,7 +219,7 @@ def test_champion_is_registered_and_serves(tiny_run):
     client = mlflow.MlflowClient(env.tracking_uri(), env.tracking_uri())
     champion = client.get_model_version_by_alias("ram-tagger", "champion")
     challenger = client.get_model_version_by_alias("ram-tagger", "challenger")
-    assert champion.version == challenger.version == "1"
+    assert str(champion.version) == str(challenger.version) == "1"
     mlflow.set_tracking_uri(env.tracking_uri())
     model = mlflow.pyfunc.load_model("models:/ram-tagger@champion")
     out = model.predict(pd.DataFrame({"image": example_images(env.data_root, 3)}), params={"threshold": 0.0})
@@ -244,7 +244,7 @@ def test_worse_challenger_is_not_promoted(tiny_run):
     assert not result.success
     (check,) = result.get_asset_check_evaluations()
     assert check.check_name == "not_worse_than_champion" and not check.passed
-    assert client.get_model_version_by_alias("ram-tagger", "champion").version == "1"
-    assert client.get_model_version_by_alias("ram-tagger", "challenger").version == "2"
+    assert str(client.get_model_version_by_alias("ram-tagger", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("ram-tagger", "challenger").version) == "2"
     decision = json.loads(report_path(env.data_root, "registered_model").read_text())["decision"]
     assert decision["promoted"] is False and decision["champion_value"] == 2.0
