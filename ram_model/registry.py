@@ -118,6 +118,10 @@ def _configs() -> dict[str, RamConfig]:
         caption_layers=2,
         max_caption_len=32,
         default_threshold=0.5,
+        # A caption vocabulary fitted on the training captions: the 30k WordPiece output
+        # layer would cost more than the backbone at this size.
+        tokenizer="word",
+        word_vocab_size=1024,
     )
     effnet = dataclasses.replace(
         tiny,
@@ -133,6 +137,7 @@ def _configs() -> dict[str, RamConfig]:
         decoder_ffn=512,
         caption_dim=256,
         caption_ffn=512,
+        word_vocab_size=8000,
     )
     return {c.name: c for c in (swin_l, swin_b, tiny, effnet)}
 

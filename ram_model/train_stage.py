@@ -79,10 +79,48 @@ def model_overrides(cfg: TrainStageConfig) -> dict[str, Any]:
     return out
 
 
-def build_model(cfg: TrainStageConfig, tag_names: list[str], init_from: Path | None) -> torch.nn.Module:
+def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | None):
+    """The caption vocabulary of a ``"word"``-tokenizer model, or None for a fixed vocabulary.
+
+    A fitted vocabulary must follow the weights: with ``init_from`` it is the one saved in that
+    checkpoint (finetuning keeps the retrained model's word ids); from scratch it is fitted on
+    the captions of the training splits (deterministic: frequency, then first occurrence).
+    """
+    if ":" in cfg.model:
+        return None
+    from ram_model.registry import get_config
+    from ram_model.tokenizer import WordTokenizer, tokenizer_from_state
+
+    config = get_config(cfg.model, **{k: v for k, v in cfg.model_overrides.items()})
+    if config.tokenizer != "word":
+        return None
+    if init_from is not None:
+        from ram_model.checkpoint import read_checkpoint
+
+        try:
+            state = read_checkpoint(init_from).get("tokenizer")
+        except (FileNotFoundError, ValueError):
+            state = None
+        if state:
+            return tokenizer_from_state(state)
+    from data_engine.shards import read_manifest
+
+    captions = [c for split in cfg.splits for c in read_manifest(data_root, split=split)["caption"]]
+    tok = WordTokenizer(config.word_vocab_size).fit(captions)
+    log.info("caption vocabulary fitted on %d captions: %d words (capacity %d)",
+             len(captions), len(tok.words), config.word_vocab_size)
+    return tok
+
+
+def build_model(cfg: TrainStageConfig, tag_names: list[str], init_from: Path | None,
+                data_root: Path | None = None) -> torch.nn.Module:
     """Seeded model with tag queries for ``tag_names``; weights from ``init_from`` when given."""
     seed_everything(cfg.seed)
-    model = _factory(cfg.model)(tag_names, **model_overrides(cfg))
+    overrides = model_overrides(cfg)
+    tokenizer = caption_tokenizer(cfg, data_root, init_from) if data_root is not None else None
+    if tokenizer is not None:
+        overrides["caption_tokenizer"] = tokenizer
+    model = _factory(cfg.model)(tag_names, **overrides)
     if init_from is not None:
         load_weights(model, init_from)
     return model
@@ -178,7 +216,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
 
     names = LabelSystem.load(label_system_dir(data_root)).names
     init = init_from if init_from is not None else (Path(cfg.init_from) if cfg.init_from else None)
-    model = build_model(cfg, names, init)
+    model = build_model(cfg, names, init, data_root)
     data_cfg = model.data_config
     aug = AugmentConfig(image_size=int(data_cfg["image_size"]), mean=tuple(data_cfg["mean"]),
                         std=tuple(data_cfg["std"]), random_crop=cfg.random_crop,
