@@ -119,6 +119,11 @@ def _cmd_run(args) -> int:
     result, parent, env = run_pipeline(args.params, args.data_root, args.launcher, args.nproc,
                                        args.tracking_uri, raise_on_error=False)
     wall = time.perf_counter() - start
+    raw = report_path(env.data_root, "raw_pairs")
+    if raw.exists():
+        from data_engine.ingest import IngestSummary
+
+        print(IngestSummary.model_validate(json.loads(raw.read_text())["details"]["summary"]).format(), "\n")
     evaluation = report_path(env.data_root, "evaluation_report")
     if evaluation.exists():
         print(json.loads(evaluation.read_text()).get("details", {}).get("table_md", ""))

@@ -103,9 +103,10 @@ def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | 
             state = None
         if state:
             return tokenizer_from_state(state)
-    from data_engine.shards import read_manifest
+    from data_engine.shards import iter_samples
 
-    captions = [c for split in cfg.splits for c in read_manifest(data_root, split=split)["caption"]]
+    shards = [p for split in cfg.splits for p in list_shards(data_root, split)]
+    captions = [s.caption for s in iter_samples(shards, decode=False) if s.caption]
     tok = WordTokenizer(config.word_vocab_size).fit(captions)
     log.info("caption vocabulary fitted on %d captions: %d words (capacity %d)",
              len(captions), len(tok.words), config.word_vocab_size)
