@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from data_engine.corpus import CorpusItem  # the real item type; only generation is faked
 from pydantic import BaseModel
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
@@ -27,15 +28,6 @@ class CorpusConfig(BaseModel):
     omit_rate: float = 0.4
     hallucinate_rate: float = 0.2
     flaw_every: int = 0
-
-
-@dataclass
-class CorpusItem:
-    key: str
-    split: str
-    image: Image.Image
-    caption: str
-    truth: dict
 
 
 def split_size(cfg: CorpusConfig, split: str) -> int:

@@ -8,9 +8,6 @@ downloaded. The server runs in its own process group and is stopped with SIGTERM
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from _servers import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,12 +37,6 @@ query ($id: String!) {
 BACKFILLS_QUERY = "{ partitionBackfillsOrError { ... on PartitionBackfills { results { id status } } } }"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gql(url: str, query: str, variables: dict | None = None) -> dict:
     r = requests.post(f"{url}/graphql", json={"query": query, "variables": variables or {}}, timeout=60)
     r.raise_for_status()
@@ -60,35 +52,13 @@ def dagster_dev(tmp_path):
     params = yaml.safe_load((REPO / "orchestration" / "profiles" / "tiny.yaml").read_text())
     params["paths"]["data_root"] = str(tmp_path / "data")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, DAGSTER_HOME=str(home), RAMFLOW_PARAMS=str(tmp_path / "params.yaml"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    log = open(tmp_path / "dagster_dev.log", "w")
-    proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "orchestration.definitions",
-                             "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [str(BIN / "dagster"), "dev", "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/server_info", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:  # start-up / run wait limit, not a timing check
-                pytest.fail("dagster dev did not come up")
-            time.sleep(2)
+    with running_server(cmd, f"{url}/server_info", tmp_path / "dagster_dev.log", env=env, cwd=REPO):
         yield url, tmp_path
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.browser

@@ -8,15 +8,12 @@ serving contract, not accuracy; the pipeline test serves its trained champion in
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from _servers import free_port, running_server
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -25,12 +22,6 @@ from ram_model.serving import IMAGE_COLUMN, encode_image  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TAGS = ["dog", "cat", "car", "tree", "red", "blue", "beach", "street", "person", "boat"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,28 +102,13 @@ def test_mlflow_models_serve_champion_round_trip(logged_model, corpus_images, tm
     import requests
 
     tracking_uri, _ = logged_model
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/ram-tagger@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/ram-tagger@champion", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:  # start-up / run wait limit, not a timing check
-                pytest.fail("server did not come up")
-            time.sleep(2)
-
+    with running_server(cmd, f"{url}/ping", tmp_path / "serve.log", env=env,
+                        ready=lambda r: r.status_code == 200, stop_limit_s=30):
         def post(body):
             return requests.post(f"{url}/invocations", json=body, timeout=120)
 
@@ -157,10 +133,3 @@ def test_mlflow_models_serve_champion_round_trip(logged_model, corpus_images, tm
             r = post(body)
             assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:500])
             assert message in r.json()["message"], (name, r.text[:500])
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
