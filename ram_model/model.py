@@ -56,6 +56,11 @@ class RamModel(nn.Module):
         c = config
         self.config = c
         self.visual_encoder = create_backbone(c.backbone, c.backbone_kwargs, c.backbone_weights, pretrained)
+        for name, param in self.visual_encoder.named_parameters():
+            if name.startswith(tuple(c.frozen_backbone)):
+                param.requires_grad_(False)
+        if c.channels_last:
+            self.visual_encoder.to(memory_format=torch.channels_last)
         self.image_proj = nn.Linear(self.visual_encoder.num_features, c.image_dim)
         self.wordvec_proj = nn.Linear(c.text_dim, c.decoder_dim)
         self.tagging_head = nn.ModuleList(
@@ -63,6 +68,9 @@ class RamModel(nn.Module):
             for _ in range(c.decoder_layers)
         )
         self.fc = nn.Linear(c.decoder_dim, 1)
+        self.query_norm = nn.LayerNorm(c.decoder_dim) if c.query_norm else None
+        self.token_norm = nn.LayerNorm(c.image_dim) if c.token_norm else None
+        self.readout_proj = nn.Linear(c.decoder_dim, c.decoder_dim, bias=False) if c.query_readout else None
         # Tag set (not trained): frozen text embeddings [C, text_dim] and thresholds [C].
         self.register_buffer("label_embed", torch.zeros(0, c.text_dim))
         self.register_buffer("thresholds", torch.zeros(0))
@@ -126,9 +134,15 @@ class RamModel(nn.Module):
     # ------------------------------------------------------------------ image side
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """``images [B, 3, H, W]`` -> projected tokens ``[B, 1 + h*w, image_dim]`` (0 = global), grid."""
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         tokens, grid = backbone_tokens(self.visual_encoder, images)  # [B, hw, Cb]
-        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
-        return self.image_proj(tokens), grid
+        return self.project_tokens(tokens), grid
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens ``[B, hw, Cb]`` -> ``[B, 1 + hw, image_dim]`` with the mean token first."""
+        tokens = self.image_proj(torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1))
+        return tokens if self.token_norm is None else self.token_norm(tokens)
 
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised global image embedding ``[B, image_dim]`` (e.g. of region crops)."""
@@ -139,7 +153,8 @@ class RamModel(nn.Module):
     def _queries(self, tag_ids: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
         emb = self.label_embed if tag_ids is None else self.label_embed[torch.as_tensor(tag_ids, dtype=torch.long,
                                                                                          device=self.label_embed.device)]
-        return F.relu(self.wordvec_proj(emb))  # [C, decoder_dim]
+        queries = F.relu(self.wordvec_proj(emb))  # [C, decoder_dim]
+        return queries if self.query_norm is None else self.query_norm(queries)
 
     def _decode_tags(self, tokens: torch.Tensor, tag_ids=None, need_weights: bool = False):
         """tokens ``[B, N, image_dim]`` -> logits ``[B, C]`` (+ last-layer attention ``[B, C, N]``)."""
@@ -150,7 +165,10 @@ class RamModel(nn.Module):
             last = i == len(self.tagging_head) - 1
             x, w = layer(x, tokens, need_weights=need_weights and last)
             weights = w if last else weights
-        return self.fc(x).squeeze(-1), weights
+        logits = self.fc(x).squeeze(-1)  # [B, C]
+        if self.readout_proj is not None:  # query-conditioned readout (open set: W is shared)
+            logits = logits + (x * self.readout_proj(queries)).sum(-1) / x.shape[-1] ** 0.5
+        return logits, weights
 
     def tag_logits(self, images: torch.Tensor, tag_ids=None) -> torch.Tensor:
         """``[B, C]`` logits over the current tag set (or the ``tag_ids`` subset)."""

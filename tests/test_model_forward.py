@@ -137,6 +137,41 @@ def test_open_set_tag_addition_keeps_old_logits():
         model.set_tags(["a", "b"], torch.zeros(3, 384))
 
 
+@pytest.mark.parametrize("flags", [
+    {"query_norm": False, "token_norm": False, "query_readout": False},  # RAM's decoder as published
+    {"query_norm": True, "token_norm": True, "query_readout": True},  # the small configs' decoder
+])
+def test_decoder_variants_score_tags_independently(flags):
+    """With or without the norms and the query readout, a tag's logit depends on its own
+    embedding only: adding a tag changes no other tag's logit (open set)."""
+    torch.manual_seed(0)
+    model = create_model("ram_tiny", tag_names=TAGS, tag_embeddings=fake_embeddings(TAGS), **flags).eval()
+    assert (model.readout_proj is not None) == flags["query_readout"]
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        before = model.tag_logits(x)
+        model.set_tags(["zebra"] + TAGS, fake_embeddings(["zebra"] + TAGS))
+        after = model.tag_logits(x)[:, 1:]
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_backbone_prefixes_and_channels_last():
+    """``frozen_backbone`` prefixes get no gradient; ``channels_last`` does not change the logits."""
+    kwargs = dict(tag_names=TAGS, tag_embeddings=fake_embeddings(TAGS), image_size=64, caption=False)
+    torch.manual_seed(0)
+    model = create_model("ram_effnet_lite0", pretrained=False, **kwargs)
+    frozen = {n for n, p in model.visual_encoder.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("conv_stem", "bn1", "blocks.0.", "blocks.1.")) for n in frozen)
+    assert all(p.requires_grad for n, p in model.visual_encoder.named_parameters() if n.startswith("blocks.2."))
+    model(_batch(model, 2, len(TAGS), captions=False))["loss"].backward()
+    assert all(p.grad is None for n, p in model.visual_encoder.named_parameters() if n in frozen)
+    nchw = create_model("ram_effnet_lite0", pretrained=False, channels_last=False, **kwargs).eval()
+    nchw.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().tag_logits(x), nchw.tag_logits(x), rtol=1e-4, atol=1e-4)
+
+
 def test_set_tags_keeps_known_thresholds():
     model = tiny_model()
     model.set_tags(TAGS, fake_embeddings(TAGS), thresholds=[0.1, 0.2, 0.3, 0.4, 0.9])
