@@ -113,17 +113,14 @@ def main() -> None:
     rows = []
     torch.manual_seed(args.seed)
     probe = nn.Linear(f_train.shape[-1], len(names))
-    heads = {"linear_probe": (lambda t: probe(t.mean(1)), list(probe.parameters()), None)}
+    heads = {"linear_probe": (lambda t: probe(t.mean(1)), list(probe.parameters()))}
     for name, flags in VARIANTS.items():
         torch.manual_seed(args.seed)
         model = create_model("ram_effnet_lite0", pretrained=False, tag_names=names, caption=False,
                              image_size=args.image_size, **flags)
-        model.visual_encoder = None  # frozen features are precomputed; only the head trains
-        modules = [model.image_proj, model.wordvec_proj, model.tagging_head, model.fc, model.query_norm,
-                   model.token_norm, model.readout_proj]
-        params = [p for m in modules if m is not None for p in m.parameters()]
-        heads[name] = ((lambda t, m=model: m._decode_tags(m.project_tokens(t))[0]), params, model)
-    for name, (fn, params, model) in heads.items():
+        model.visual_encoder = None  # frozen features are precomputed: what is left is the head
+        heads[name] = ((lambda t, m=model: m._decode_tags(m.project_tokens(t))[0]), list(model.parameters()))
+    for name, (fn, params) in heads.items():
         seconds = train_head(fn, params, f_train, y_train, args.epochs, args.lr, args.batch, args.seed)
         with torch.no_grad():
             scores = torch.cat([torch.sigmoid(fn(f_test[i:i + 250])) for i in range(0, len(f_test), 250)])
