@@ -8,9 +8,13 @@ the label system):
 2. ONE engine pass over ``pretrain`` serving four variants (:func:`run_engine_variants`):
    ``full`` (generation + captioning branch + cleaning), ``generation_only``,
    ``cleaning_only`` (cleaning of the parsed labels) and ``no_captioning``;
-3. retrain on each variant's ``union_label_ids`` (the ``retrained_model`` recipe);
+3. retrain on the ``union_label_ids`` of ``full``, ``generation_only`` and ``cleaning_only``
+   (the ``retrained_model`` recipe), and once more on ``full`` with the model's captioning branch
+   off (``caption=false``: the Tag2Text joint task removed, RAM's "captioning" ablation);
    "engine off" retrains on parsed labels, which is the preliminary recipe on the same data, so
-   the preliminary checkpoint is that model (said so in the table);
+   the preliminary checkpoint is that model (said so in the table). The engine's own
+   ``no_captioning`` variant (generation without parsing the generated captions) is reported
+   with its label precision/recall only;
 4. fine-tune every retrained model on ``finetune`` (the ``finetuned_model`` recipe);
 5. evaluate every model on ``test`` and write one table (markdown + JSON):
    preliminary, retrained (= "no fine-tune"), fine-tuned, and the ablations engine off,
@@ -61,10 +65,18 @@ ROWS: list[tuple[str, str, str]] = [
     ("ablation: engine off", "finetuned_engine_off", "parsed labels (= preliminary) + fine-tune"),
     ("ablation: generation only", "finetuned_generation_only", "generation, no cleaning + fine-tune"),
     ("ablation: cleaning only", "finetuned_cleaning_only", "cleaning of parsed labels + fine-tune"),
-    ("ablation: captioning branch off", "finetuned_no_captioning", "tagging generation + cleaning + fine-tune"),
+    ("ablation: captioning branch off", "finetuned_caption_off",
+     "full engine labels, model trained without its caption branch + fine-tune"),
+    ("engine without caption parsing", None, "labels only: generation from tags alone + cleaning"),
 ]
 ENGINE_OF = {"retrained_full": "full", "finetuned_full": "full", "finetuned_generation_only": "generation_only",
-             "finetuned_cleaning_only": "cleaning_only", "finetuned_no_captioning": "no_captioning"}
+             "finetuned_cleaning_only": "cleaning_only", "finetuned_caption_off": "full"}
+RETRAINED = {  # retrained model -> (engine variant of its labels, extra training overrides)
+    "full": ("full", {}),
+    "generation_only": ("generation_only", {}),
+    "cleaning_only": ("cleaning_only", {}),
+    "caption_off": ("full", {"caption": False}),
+}
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -104,12 +116,21 @@ def _evaluate(models: dict[str, Path], root: Path, params, out_dir: Path) -> dic
     return out
 
 
+def _trained_tags_map(model_dir: Path) -> float | None:
+    """Test mAP over the tags the model had training positives for, as its stage measured it
+    (``train_result.json``); None for folders written without it."""
+    path = Path(model_dir) / "train_result.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("metrics", {}).get("test/mAP_trained")
+
+
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
 def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    cols = ["row", "test_mAP", "test_F1", "label_precision", "label_recall", "train_s", "what"]
+    cols = ["row", "test_mAP", "test_mAP_trained", "test_F1", "label_precision", "label_recall", "train_s", "what"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     md = out_dir / "ablation.md"
@@ -151,26 +172,31 @@ def main(argv: list[str] | None = None) -> int:
         {n: out / "engine" / f"{n}.parquet" for n in variants}, {n: out / "engine_report" / n for n in variants})
 
     finetune_labels = formats.labels_path(root, "finetune")
-    retrained = {"engine_off": prelim}
-    for name in variants:
+    retrained = {"engine_off": (prelim, {})}
+    for name, (variant, extra) in RETRAINED.items():
         models[f"retrained_{name}"], train_s[f"retrained_{name}"] = _train(
-            "retrained_model", args.params, train_o, root, out / "models" / f"retrained_{name}",
-            Path(engine[name].out_path), None)
-        retrained[name] = models[f"retrained_{name}"]
-    for name, init in retrained.items():
+            "retrained_model", args.params, {**train_o, **extra}, root, out / "models" / f"retrained_{name}",
+            Path(engine[variant].out_path), None)
+        retrained[name] = (models[f"retrained_{name}"], extra)
+    for name, (init, extra) in retrained.items():
         models[f"finetuned_{name}"], train_s[f"finetuned_{name}"] = _train(
-            "finetuned_model", args.params, ft_o, root, out / "models" / f"finetuned_{name}", finetune_labels, init)
+            "finetuned_model", args.params, {**ft_o, **extra}, root, out / "models" / f"finetuned_{name}",
+            finetune_labels, init)
 
-    wanted = {mid for _, mid, _ in ROWS}
+    wanted = {mid for _, mid, _ in ROWS if mid}
     metrics = _evaluate({k: v for k, v in models.items() if k in wanted}, root, args.params, out / "evaluation")
     parsed_m = engine["full"].metrics.get("parsed", {})
     rows = []
     for row, mid, what in ROWS:
-        m = metrics.get(mid, {})
-        eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
+        m = metrics.get(mid, {}) if mid else {}
+        if mid is None:  # an engine variant no model was retrained on
+            eng = engine["no_captioning"].metrics.get("cleaned", {})
+        else:
+            eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
         rows.append({
             "row": row, "model": mid, "what": what,
-            "test_mAP": m.get("mAP"), "test_F1": m.get("micro_f1", m.get("F1")),
+            "test_mAP": m.get("mAP"), "test_mAP_trained": _trained_tags_map(models[mid]) if mid else None,
+            "test_F1": m.get("micro_f1", m.get("F1")),
             "label_precision": eng.get("precision"), "label_recall": eng.get("recall"),
             "train_s": train_s.get(mid),
         })

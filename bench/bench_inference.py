@@ -3,7 +3,10 @@
 All configs are measured in the same run on random weights (speed does not depend on weights),
 each at its own input size, with the same tag-set size. Usage::
 
-    python bench/bench_inference.py [--configs ram_tiny ram_effnet_lite0 ram_swin_b_224]
+``NAME@SIZE`` measures a config at another input size (``ram_effnet_lite0@96``: the size the
+pipeline trains it at on the 96 px embedded corpus). Usage::
+
+    python bench/bench_inference.py [--configs ram_tiny ram_effnet_lite0@96 ram_swin_b_224]
         [--batch 4] [--tags 100] [--seconds 10] [--threads N] [--out bench_inference.json]
 """
 
@@ -19,11 +22,13 @@ import torch
 log = logging.getLogger("bench_inference")
 
 
-def measure(name: str, batch: int, n_tags: int, seconds: float) -> dict:
+def measure(spec: str, batch: int, n_tags: int, seconds: float) -> dict:
     from ram_model.registry import create_model
 
+    name, _, size = spec.partition("@")
+    overrides = {"image_size": int(size)} if size else {}
     torch.manual_seed(0)
-    model = create_model(name, pretrained=False, caption=False).eval()
+    model = create_model(name, pretrained=False, caption=False, **overrides).eval()
     model.set_tags([f"tag{i}" for i in range(n_tags)], torch.nn.functional.normalize(torch.randn(n_tags, model.config.text_dim), dim=-1))
     size = model.data_config["image_size"]
     x = torch.randn(batch, 3, size, size)
@@ -36,13 +41,13 @@ def measure(name: str, batch: int, n_tags: int, seconds: float) -> dict:
             elapsed = time.perf_counter() - start
             if elapsed >= seconds and done >= 2 * batch:
                 break
-    return {"config": name, "image_size": size, "batch": batch, "images": done, "seconds": elapsed,
+    return {"config": spec, "image_size": size, "batch": batch, "images": done, "seconds": elapsed,
             "images_per_s": done / elapsed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["ram_tiny", "ram_effnet_lite0", "ram_swin_b_224"])
+    parser.add_argument("--configs", nargs="+", default=["ram_tiny", "ram_effnet_lite0@96", "ram_effnet_lite0", "ram_swin_b_224"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tags", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)

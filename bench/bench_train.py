@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", type=Path, help="ingested corpus (labels/pretrain.parquet); default synthetic")
     p.add_argument("--model", default="ram_tiny")
+    p.add_argument("--image-size", type=int, help="input size override (ram_effnet_lite0 trains at 96 on the corpus)")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the rate")
     p.add_argument("--batch-size", type=int, default=32)
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, engine=engine, zero_stage=zero, max_steps=args.steps, batch_size=args.batch_size,
                 micro_batch_size=args.micro_batch_size if nproc == 1 else args.batch_size // 2,
                 num_workers=args.num_workers, checkpoint_every=10**6, warmup_steps=5, validation_fraction=0.0,
-                resume=False, caption=not args.no_caption,
+                resume=False, caption=not args.no_caption, lr=args.lr, grad_clip=0.0,
+                model_overrides={"image_size": args.image_size} if args.image_size else {},
             )
             out = tmp / f"{engine}_{nproc}"
             res = launch_train_stage(cfg, root, out, [labels_path(root, "pretrain")], nproc=nproc,

@@ -1,7 +1,9 @@
 """Checkpoints that load with ``torch.load(..., weights_only=True)``.
 
-The file holds only tensors and primitive containers: ``format``, ``model_name``, ``overrides``
-(config fields differing from the registry, primitive values), ``state_dict``, ``tag_names``,
+The file holds only tensors and primitive containers: ``format``, ``model_name``, ``config``
+(every config field, primitive values: the model is rebuilt as trained even after the
+registry's defaults change), ``overrides`` (the fields differing from the registry, for people
+and for files written before ``config`` was stored), ``state_dict``, ``tag_names``,
 ``thresholds`` (list of floats), ``tokenizer`` (its primitive state) and ``extra`` (caller data,
 e.g. training metrics; must itself be primitive/tensors).
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ram_model.registry import config_overrides, create_model
+from ram_model.registry import config_fields, config_overrides, create_model
 from ram_model.tokenizer import tokenizer_from_state
 
 FORMAT = "ramflow-model-v1"
@@ -36,6 +38,7 @@ def save_model(model, path: str | os.PathLike, extra: dict[str, Any] | None = No
     blob = {
         "format": FORMAT,
         "model_name": model.config.name,
+        "config": config_fields(model.config),
         "overrides": config_overrides(model.config),
         "state_dict": state,
         "tag_names": list(model.tag_names),
@@ -61,7 +64,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the model saved by :func:`save_model` (no pretrained weights are read), in eval mode."""
     blob = read_checkpoint(path)
     tokenizer = tokenizer_from_state(blob["tokenizer"]) if blob.get("tokenizer") else None
-    model = create_model(blob["model_name"], pretrained=False, caption_tokenizer=tokenizer, **blob["overrides"])
+    fields = blob.get("config") or blob["overrides"]
+    model = create_model(blob["model_name"], pretrained=False, caption_tokenizer=tokenizer, **fields)
     state = blob["state_dict"]
     model.set_tags(blob["tag_names"], state["label_embed"], blob["thresholds"])
     model.load_state_dict(state, strict=True)

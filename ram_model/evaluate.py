@@ -15,7 +15,7 @@ import os
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel
@@ -252,10 +252,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, shards: Sequence[str | os
 
 
 def evaluate_split(model, data_root: str | os.PathLike, split: str = "test", thresholds=None,
-                   batch_size: int = 64, max_samples: int | None = None, device: str = "cpu") -> dict:
+                   batch_size: int = 64, max_samples: int | None = None, device: str = "cpu",
+                   subsets: Mapping[str, Sequence[int]] | None = None) -> dict:
     """Flat metrics of an in-memory model on ``raw/{split}`` shards of ``data_root`` (truth tags):
     ``mAP``, micro/macro P/R/F1 at ``thresholds`` (default: the model's), ``num_images`` and
-    ``skipped/<reason>`` / ``truth_tags_unknown_to_model`` counts."""
+    ``skipped/<reason>`` / ``truth_tags_unknown_to_model`` counts. ``subsets`` (name -> class
+    indices) adds ``classes_<name>`` (classes with test positives) and, when that is not 0,
+    ``mAP_<name>`` per subset,
+    e.g. the tags trained on vs those never seen positive in training (open set)."""
     from data_engine.formats import list_shards
 
     shards = list_shards(data_root, split)
@@ -267,6 +271,11 @@ def evaluate_split(model, data_root: str | os.PathLike, split: str = "test", thr
     thr = model.thresholds.cpu().numpy() if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     result = evaluate_scores(scores, targets, thr, tag_names=model.tag_names)
     flat = {k: v for k, v in result.items() if k != "per_class_ap"}
+    for name, idx in (subsets or {}).items():
+        sub = evaluate_scores(scores, targets, thr, idx) if len(idx) else {"num_classes_with_positives": 0}
+        flat[f"classes_{name}"] = sub["num_classes_with_positives"]
+        if sub["num_classes_with_positives"]:  # no mAP (NaN) for a subset without test positives
+            flat[f"mAP_{name}"] = sub["mAP"]
     flat.update({(k if k in ("used", "truth_tags_unknown_to_model") else f"skipped/{k}"): v
                  for k, v in counts.items()})
     return flat

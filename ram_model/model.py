@@ -13,6 +13,8 @@ Forward contract (used by the trainer): ``model(batch) -> {"loss", "loss_tag", [
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -68,6 +70,10 @@ class RamModel(nn.Module):
             for _ in range(c.decoder_layers)
         )
         self.fc = nn.Linear(c.decoder_dim, 1)
+        if c.tag_prior is not None:
+            if not 0.0 < c.tag_prior < 1.0:
+                raise ValueError(f"tag_prior must be in (0, 1), got {c.tag_prior}")
+            nn.init.constant_(self.fc.bias, math.log(c.tag_prior / (1.0 - c.tag_prior)))
         self.query_norm = nn.LayerNorm(c.decoder_dim) if c.query_norm else None
         self.token_norm = nn.LayerNorm(c.image_dim) if c.token_norm else None
         self.readout_proj = nn.Linear(c.decoder_dim, c.decoder_dim, bias=False) if c.query_readout else None

@@ -71,6 +71,12 @@ class RamConfig:
     query_norm: bool = False
     token_norm: bool = False
     query_readout: bool = False
+    # Initial probability of every tag: the shared logit head's bias starts at log(p / (1 - p))
+    # (the focal-loss prior init). None keeps PyTorch's default (bias ~ 0, every tag at 0.5).
+    # Measured on the embedded corpus (effnet-lite0, parsed labels, ASL, 3 epochs, same seed):
+    # test mAP 0.13 from a zero bias (the decoder never left the plateau) vs 0.78 from 0.02,
+    # about the corpus's mean label rate (0.021).
+    tag_prior: float | None = None
     # tag queries: frozen text-encoder embeddings of the tag names
     text_encoder: str = "minilm"
     text_dim: int = 384
@@ -142,6 +148,12 @@ def _configs() -> dict[str, RamConfig]:
         query_norm=True,
         token_norm=True,
         query_readout=True,
+        tag_prior=0.02,
+        # RAM rescales the tag loss to the caption loss' value; the templated corpus captions are
+        # learned fast (LM loss ~1 after one epoch), which then scales the tag gradient down.
+        # ram_effnet_lite0 @ 96 px, 3 epochs, seed 0, test mAP: 0.60 with "ram", 0.73 with
+        # "none", 0.74 with the caption branch off.
+        tag_loss_rescale="none",
         channels_last=True,
     )
     effnet = dataclasses.replace(
@@ -203,6 +215,12 @@ def config_overrides(config: RamConfig) -> dict[str, Any]:
         if value != getattr(base, f.name):
             out[f.name] = _to_primitive(value)
     return out
+
+
+def config_fields(config: RamConfig) -> dict[str, Any]:
+    """Every field of ``config`` but its name, as primitive values (what a checkpoint stores, so
+    it rebuilds the same model after the registry's defaults change)."""
+    return {f.name: _to_primitive(getattr(config, f.name)) for f in dataclasses.fields(RamConfig) if f.name != "name"}
 
 
 def _to_primitive(value: Any) -> Any:

@@ -197,9 +197,16 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
         val = evaluate.evaluate_scores(s, t, thr)
         metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})
     if list_shards(data_root, cfg.eval_split):
+        # "trained": tags with a positive in this stage's training labels; "untrained": the rest,
+        # which the model can only score through their text embedding (open set).
+        seen = {int(i) for s in loader.shards for k in s.keys
+                if k in loader.labels and not is_validation_key(k, loader.validation_fraction)
+                for i in loader.labels.tags[k]}
+        subsets = {"trained": sorted(seen),
+                   "untrained": sorted(set(range(loader.labels.num_classes)) - seen)}
         test = evaluate.evaluate_split(model, data_root, cfg.eval_split, thresholds=thresholds,
                                        batch_size=cfg.eval_batch_size, max_samples=cfg.eval_max_samples,
-                                       device=str(device))
+                                       device=str(device), subsets=subsets)
         metrics.update({f"{cfg.eval_split}/{k}": v for k, v in test.items() if isinstance(v, (int, float))})
     return thresholds, metrics
 

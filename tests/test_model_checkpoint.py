@@ -26,6 +26,27 @@ def test_round_trip_weights_only(tmp_path):
         assert loaded.caption(x) == model.caption(x)
 
 
+def test_checkpoint_keeps_its_config_when_registry_defaults_change(tmp_path, monkeypatch):
+    """The full config is stored: a registry default changed after saving (here the decoder
+    depth) does not change the model that loads, and the weights still load strictly."""
+    import dataclasses
+
+    from ram_model import registry
+
+    model = tiny_model().eval()
+    path = save_model(model, tmp_path / "m.pt")
+    assert read_checkpoint(path)["config"]["decoder_layers"] == model.config.decoder_layers == 2
+    changed = dict(registry.MODEL_CONFIGS)
+    changed["ram_tiny"] = dataclasses.replace(changed["ram_tiny"], decoder_layers=3, tag_prior=None)
+    monkeypatch.setattr(registry, "MODEL_CONFIGS", changed)
+    assert registry.get_config("ram_tiny").decoder_layers == 3
+    loaded = load_model(path)
+    assert loaded.config == model.config and len(loaded.tagging_head) == 2
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.tag_logits(x), model.tag_logits(x))
+
+
 def test_model_folder_and_word_tokenizer(tmp_path):
     tok = WordTokenizer(64).fit(["a red cat", "a blue dog"])
     model = tiny_model(tokenizer="word", word_vocab_size=64, caption_tokenizer=tok)

@@ -55,15 +55,18 @@ def test_param_counts_match_official_ram_parts():
     assert count_parameters("ram_tiny")["total"] < 10_000_000
 
 
-def test_tiny_forward_and_loss_components():
-    model = tiny_model()
+@pytest.mark.parametrize("rescale", ["ram", "none"])
+def test_tiny_forward_and_loss_components(rescale):
+    model = tiny_model(tag_loss_rescale=rescale)
     _check_model(model, b=2)
     model.train()
     out = model({k: v for k, v in _batch(model, 2, len(TAGS)).items() if not k.startswith("caption")})
     assert set(out) == {"loss", "loss_tag"} and torch.allclose(out["loss"], out["loss_tag"])
     out = model(_batch(model, 2, len(TAGS)))
-    out["loss"].backward()  # RAM rescale: tag term equals the caption loss value
-    assert torch.allclose(out["loss"], 2 * out["loss_caption"], rtol=1e-5)
+    out["loss"].backward()
+    # "ram": the tag term is rescaled to the caption loss' value; "none": plain sum
+    expected = 2 * out["loss_caption"] if rescale == "ram" else out["loss_tag"] + out["loss_caption"]
+    assert torch.allclose(out["loss"], expected, rtol=1e-5)
     assert model.wordvec_proj.weight.grad is not None and model.text_decoder.word_embeddings.weight.grad is not None
     with pytest.raises(ValueError):
         model({"image": torch.randn(1, 3, 96, 96), "tag_targets": torch.zeros(1, len(TAGS) + 1)})
@@ -170,6 +173,23 @@ def test_frozen_backbone_prefixes_and_channels_last():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.eval().tag_logits(x), nchw.tag_logits(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prior", [0.02, 0.3])
+def test_tag_prior_sets_the_initial_tag_probability(prior):
+    """``tag_prior`` starts the shared head's bias at logit(prior): without the readout term (and
+    with a zeroed fc weight) every tag of every image starts at exactly that probability."""
+    torch.manual_seed(0)
+    model = create_model("ram_tiny", tag_names=TAGS, tag_embeddings=fake_embeddings(TAGS), tag_prior=prior,
+                         query_readout=False, caption=False).eval()
+    torch.nn.init.zeros_(model.fc.weight)
+    with torch.no_grad():
+        probs = torch.sigmoid(model.tag_logits(torch.randn(3, 3, 96, 96)))
+    torch.testing.assert_close(probs, torch.full((3, len(TAGS)), prior))
+    default = create_model("ram_tiny", tag_names=TAGS, tag_embeddings=fake_embeddings(TAGS), tag_prior=None)
+    assert abs(float(default.fc.bias)) < 1.0  # PyTorch's default init: U(-1/sqrt(D), 1/sqrt(D))
+    with pytest.raises(ValueError, match="tag_prior"):
+        create_model("ram_tiny", tag_names=TAGS, tag_embeddings=fake_embeddings(TAGS), tag_prior=1.0)
 
 
 def test_set_tags_keeps_known_thresholds():

@@ -91,6 +91,9 @@ def test_ram_tiny_stage_calibrates_evaluates_and_exports(root, tmp_path, monkeyp
     m = result.metrics
     assert m["steps"] == 3 and m["val/num_images"] > 0 and 0.0 <= m["test/mAP"] <= 1.0
     assert m["test/num_images"] == 16
+    # every test class with positives is either trained on (positive in the training labels) or not
+    assert m["test/classes_trained"] + m["test/classes_untrained"] == m["test/num_classes_with_positives"]
+    assert m["test/classes_trained"] > 0 and 0.0 <= m["test/mAP_trained"] <= 1.0
     model = load_model(result.checkpoint)
     assert model.tag_names[:2] == ["red", "green"] and len(model.thresholds) == 6
     assert (tmp_path / "out" / "thresholds.json").exists()
