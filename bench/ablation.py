@@ -11,8 +11,8 @@ the label system):
 3. retrain on the ``union_label_ids`` of ``full``, ``generation_only`` and ``cleaning_only``
    (the ``retrained_model`` recipe), and once more on ``full`` with the model's captioning branch
    off (``caption=false``: the Tag2Text joint task removed, RAM's "captioning" ablation);
-   "engine off" retrains on parsed labels, which is the preliminary recipe on the same data, so
-   the preliminary checkpoint is that model (said so in the table). The engine's own
+   "engine off" retrains on the parsed labels with the same recipe, so that every retrained
+   row has the same steps whatever the preliminary model's own budget was. The engine's own
    ``no_captioning`` variant (generation without parsing the generated captions) is reported
    with its label precision/recall only;
 4. fine-tune every retrained model on ``finetune`` (the ``finetuned_model`` recipe);
@@ -62,7 +62,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("preliminary", "preliminary", "parsed caption labels, no engine, no fine-tune"),
     ("retrained (no fine-tune)", "retrained_full", "full engine labels, no fine-tune"),
     ("fine-tuned", "finetuned_full", "full engine labels + fine-tune (the pipeline's model)"),
-    ("ablation: engine off", "finetuned_engine_off", "parsed labels (= preliminary) + fine-tune"),
+    ("ablation: engine off", "finetuned_engine_off", "parsed labels, retrain recipe + fine-tune"),
     ("ablation: generation only", "finetuned_generation_only", "generation, no cleaning + fine-tune"),
     ("ablation: cleaning only", "finetuned_cleaning_only", "cleaning of parsed labels + fine-tune"),
     ("ablation: captioning branch off", "finetuned_caption_off",
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default=None)
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results/ablation"))
     ap.add_argument("--reuse-preliminary", action="store_true", help="use models/preliminary_model if present")
+    ap.add_argument("--preliminary", type=Path, help="use this trained preliminary model folder")
     ap.add_argument("--train-set", nargs="*", default=[], help="retrain overrides key=value")
     ap.add_argument("--finetune-set", nargs="*", default=[], help="fine-tune overrides key=value")
     ap.add_argument("--engine-set", nargs="*", default=[], help="engine overrides key=value")
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Path] = {}
     train_s: dict[str, float] = {}
 
-    prelim = formats.model_dir(root, "preliminary_model")
-    if not (args.reuse_preliminary and prelim.exists()):
+    prelim = args.preliminary or formats.model_dir(root, "preliminary_model")
+    if not ((args.reuse_preliminary or args.preliminary) and prelim.exists()):
         prelim, train_s["preliminary"] = _train("preliminary_model", args.params, train_o, root,
                                                 out / "models" / "preliminary", formats.labels_path(root, "pretrain"),
                                                 None)
@@ -172,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         {n: out / "engine" / f"{n}.parquet" for n in variants}, {n: out / "engine_report" / n for n in variants})
 
     finetune_labels = formats.labels_path(root, "finetune")
-    retrained = {"engine_off": (prelim, {})}
-    for name, (variant, extra) in RETRAINED.items():
+    retrained = {}
+    for name, (variant, extra) in {"engine_off": (None, {}), **RETRAINED}.items():
+        labels = formats.labels_path(root, "pretrain") if variant is None else Path(engine[variant].out_path)
         models[f"retrained_{name}"], train_s[f"retrained_{name}"] = _train(
             "retrained_model", args.params, {**train_o, **extra}, root, out / "models" / f"retrained_{name}",
-            Path(engine[variant].out_path), None)
+            labels, None)
         retrained[name] = (models[f"retrained_{name}"], extra)
     for name, (init, extra) in retrained.items():
         models[f"finetuned_{name}"], train_s[f"finetuned_{name}"] = _train(

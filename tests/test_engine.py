@@ -184,6 +184,23 @@ def test_clean_tags_removes_planted_tag_and_respects_min_count():
     assert res.per_tag[0].cleaned and res.per_tag[0].kept == n - 2
     assert res.per_tag[0].removed_outlier == 1 and res.per_tag[0].removed_score == 1
     assert not res.per_tag[1].cleaned and res.per_tag[1].kept == 2   # too few samples: untouched
+    # a skipped tag (e.g. a scene: no region) keeps even its planted pairs
+    kept = clean_tags(arrays, np.full(2, 0.5, np.float32), n_clusters=2, outlier_fraction=0.1,
+                      outlier_z=2.0, rescore_scale=0.5, min_count=10, skip_tags={0})
+    assert kept.removed_pairs(arrays) == set() and not kept.per_tag[0].cleaned and kept.per_tag[0].kept == n
+
+
+def test_label_precision_recall_judges_only_the_truth_vocabulary():
+    """Labels the truth cannot contain (tag 9: an action) are counted apart, not called wrong."""
+    from data_engine.engine.report import precision_recall
+
+    truth = {"a": {1, 2}, "b": {3}}
+    labels = {"a": [1, 9], "b": [3, 4, 9]}
+    plain = precision_recall(labels, truth)
+    assert (plain["labels"], plain["correct"], plain["truth"]) == (5, 2, 3) and plain["outside_vocabulary"] == 0
+    judged = precision_recall(labels, truth, vocabulary={1, 2, 3, 4})
+    assert (judged["labels"], judged["correct"], judged["outside_vocabulary"]) == (3, 2, 2)
+    assert judged["precision"] == pytest.approx(2 / 3) and judged["recall"] == pytest.approx(2 / 3)
 
 
 # --------------------------------------------------------------------------- whole pass
@@ -272,7 +289,7 @@ def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
                 w.write(s.key, buf.getvalue(), "caption", meta)
     ls = LabelSystem()
     for name in NAMES:
-        ls.add(name, "attribute")
+        ls.add(name, "object")
     ls.save(formats.label_system_dir(root))
     labels = formats.labels_path(root, "pretrain")
     labels.parent.mkdir(parents=True)
@@ -287,6 +304,11 @@ def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
     assert res.metrics["cleaned"]["precision"] > res.metrics["parsed"]["precision"]
     assert res.metrics["cleaned"]["recall"] > res.metrics["parsed"]["recall"]
     assert Path(res.artifacts["crops_png"]).exists()
+    # region cleaning applies to the label system's categories in clean_categories only
+    scenes_only = cfg.model_copy(update={"clean_categories": ["scene"]})
+    res = engine.run_engine(tmp_path / "ckpt", root, "pretrain", labels, formats.label_system_dir(root),
+                            tmp_path / "scenes.parquet", scenes_only, tmp_path / "report_scenes")
+    assert res.added > 0 and res.removed == 0 and res.tags_cleaned == 0
 
 
 def test_variants_from_one_pass_match_separate_runs(tmp_path):

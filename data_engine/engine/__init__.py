@@ -61,6 +61,10 @@ class EngineConfig(BaseModel):
     use_outliers: bool = True
     use_rescore: bool = True
     min_count: int = Field(20, ge=1, description="tags with fewer pairs are not cleaned")
+    clean_categories: list[str] | None = Field(
+        ["object"], description="label-system categories that region cleaning applies to (None: all). Scenes "
+        "are whole-image tags: a crop of a beach photo is not a beach, so rescoring crops removed 464 scene "
+        "labels of the embedded corpus, none of them wrong")
     # report
     report_tags: int = Field(4, ge=0)
     report_crops: int = Field(6, ge=1)
@@ -175,8 +179,12 @@ def engine_variants(
     image_loader: Callable[[set[str]], Mapping[str, Image.Image]] | None = None,
     total: int | None = None,
     extra_skipped: Counter | None = None,
+    categories: Sequence[str] | None = None,
 ) -> dict[str, EngineResult]:
     """Several engine variants (e.g. ablations) from ONE streaming pass over the samples.
+
+    ``categories`` (one per tag, from the label system) select the tags that cleaning applies
+    to (``EngineConfig.clean_categories``); without them every tag is cleaned.
 
     The pass computes everything any variant needs (model tags, caption tags, regions of every
     candidate tag); each variant then takes its own labels and cleans its own pairs, exactly as
@@ -193,7 +201,7 @@ def engine_variants(
         truth = truth(set(state.keys))
     return {
         name: finish_engine(state, thresholds, names, cfg, Path(out_paths[name]), Path(report_dirs[name]),
-                            truth, image_loader, skipped)
+                            truth, image_loader, skipped, categories)
         for name, cfg in variants.items()
     }
 
@@ -218,6 +226,13 @@ def engine_core(
                            extra_skipped)["engine"]
 
 
+def _skipped_tags(categories: Sequence[str] | None, wanted: Sequence[str] | None) -> frozenset[int]:
+    """Tag ids whose category is not cleaned (none without categories or a category filter)."""
+    if categories is None or wanted is None:
+        return frozenset()
+    return frozenset(i for i, c in enumerate(categories) if c not in set(wanted))
+
+
 def finish_engine(
     state: StreamState,
     thresholds: np.ndarray,
@@ -228,6 +243,7 @@ def finish_engine(
     truth: Mapping[str, set[int]] | None = None,
     image_loader: Callable[[set[str]], Mapping[str, Image.Image]] | None = None,
     skipped: Counter | None = None,
+    categories: Sequence[str] | None = None,
 ) -> EngineResult:
     """Cleaning, engine parquet and report of one variant, from a finished streaming pass."""
     unions = [_variant_union(g, cfg) for g in state.labels]
@@ -248,6 +264,7 @@ def finish_engine(
             outlier_z=cfg.outlier_z, rescore_scale=cfg.rescore_scale, min_count=cfg.min_count,
             min_cluster_fraction=cfg.min_cluster_fraction,
             use_outliers=cfg.use_outliers, use_rescore=cfg.use_rescore, seed=cfg.seed,
+            skip_tags=_skipped_tags(categories, cfg.clean_categories),
         )
         for img, tag in cleaning.removed_pairs(arrays):
             removed.setdefault(img, set()).add(tag)
@@ -287,7 +304,8 @@ def finish_engine(
             "generated": {k: sorted(set(r["parse_label_ids"]) | set(r["added_ids"])) for k, r in by_key.items()},
             "cleaned": {k: r["union_label_ids"] for k, r in by_key.items()},
         }
-        metrics = {step: precision_recall(labels, truth) for step, labels in steps.items()}
+        vocabulary = set().union(*truth.values()) if truth else set()
+        metrics = {step: precision_recall(labels, truth, vocabulary) for step, labels in steps.items()}
         for step, m in metrics.items():
             log.info("labels %-9s precision %.4f recall %.4f (%d labels)", step, m["precision"], m["recall"],
                      m["labels"])
@@ -391,4 +409,5 @@ def run_engine_variants(
         model, iter_shard_samples(shards, skipped), parsed, names, variants, out_paths, report_dirs,
         caption_to_ids=caption_to_ids, truth=truth_for,
         image_loader=lambda keys: load_images(shards, keys), total=len(parsed), extra_skipped=skipped,
+        categories=[label_system.category(i) for i in range(len(names))],
     )

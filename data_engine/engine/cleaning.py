@@ -154,8 +154,10 @@ def clean_tags(
     use_outliers: bool = True,
     use_rescore: bool = True,
     seed: int = 0,
+    skip_tags: set[int] | frozenset[int] = frozenset(),
 ) -> CleaningResult:
-    """Decide which (image, tag) pairs to remove (see the module docstring)."""
+    """Decide which (image, tag) pairs to remove (see the module docstring). Tags in
+    ``skip_tags`` (e.g. scenes: a whole-image tag has no region) are kept as they are."""
     tags, probs, emb = arrays["tag"], arrays["prob"], arrays["emb"]
     remove = np.zeros(len(tags), dtype=bool)
     distance = np.full(len(tags), np.nan, dtype=np.float32)
@@ -166,7 +168,7 @@ def clean_tags(
     for tag, lo, hi in zip(uniq.tolist(), starts.tolist(), bounds):
         idx = order[lo:hi]
         count = len(idx)
-        if count < min_count:
+        if count < min_count or tag in skip_tags:
             per_tag[tag] = TagCleaning(tag=tag, count=count, cleaned=False, kept=count)
             continue
         low = (probs[idx] < rescore_scale * float(thresholds[tag])) if use_rescore else np.zeros(count, bool)

@@ -61,11 +61,21 @@ def truth_ids(truth: Mapping[str, Sequence[str]], id_of) -> tuple[dict[str, set[
     return ids, oov
 
 
-def precision_recall(labels: Mapping[str, Iterable[int]], truth: Mapping[str, set[int]]) -> dict[str, float]:
-    """Micro precision / recall / F1 of ``labels`` over the keys that have truth."""
-    tp = n_pred = n_true = 0
+def precision_recall(labels: Mapping[str, Iterable[int]], truth: Mapping[str, set[int]],
+                     vocabulary: set[int] | None = None) -> dict[str, float]:
+    """Micro precision / recall / F1 of ``labels`` over the keys that have truth.
+
+    With ``vocabulary`` (the tags the truth can contain, e.g. the union of all truth sets) a
+    label outside it is neither right nor wrong: the embedded corpus' truth lists objects,
+    scenes and colours, so an action parsed from "dogs running" cannot be judged. Such labels
+    are left out of precision and counted in ``outside_vocabulary``.
+    """
+    tp = n_pred = n_true = outside = 0
     for key, t in truth.items():
         pred = set(labels.get(key, ()))
+        if vocabulary is not None:
+            outside += len(pred - vocabulary)
+            pred &= vocabulary
         tp += len(pred & t)
         n_pred += len(pred)
         n_true += len(t)
@@ -73,7 +83,7 @@ def precision_recall(labels: Mapping[str, Iterable[int]], truth: Mapping[str, se
     r = tp / n_true if n_true else 0.0
     f1 = 2 * p * r / (p + r) if p + r else 0.0
     return {"precision": p, "recall": r, "f1": f1, "labels": n_pred, "truth": n_true, "correct": tp,
-            "images": len(truth)}
+            "images": len(truth), "outside_vocabulary": outside}
 
 
 def per_tag_changes(

@@ -75,6 +75,13 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         if on_gpu:
             torch.cuda.set_device(self.device)
+        # DeepSpeed broadcasts each parameter viewed as bytes and ZeRO flattens them: both need
+        # the default layout, so channels_last weights go back to it (inputs stay channels_last).
+        # A 1x1 conv weight [O, I, 1, 1] in channels_last counts as contiguous but has
+        # stride(-1) == I, which the byte view refuses: hence the explicit stride test and clone.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.ndim and (not tensor.is_contiguous() or tensor.stride(-1) != 1):
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
         self._model = model
         self.config = deepspeed_config(settings, dist.world_size, on_gpu)
         self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
