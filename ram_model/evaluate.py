@@ -271,11 +271,12 @@ def evaluate_split(model, data_root: str | os.PathLike, split: str = "test", thr
     thr = model.thresholds.cpu().numpy() if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     result = evaluate_scores(scores, targets, thr, tag_names=model.tag_names)
     flat = {k: v for k, v in result.items() if k != "per_class_ap"}
+    ap = per_class_ap(scores, targets) if subsets else None  # [C], NaN where a class has no positive
     for name, idx in (subsets or {}).items():
-        sub = evaluate_scores(scores, targets, thr, idx) if len(idx) else {"num_classes_with_positives": 0}
-        flat[f"classes_{name}"] = sub["num_classes_with_positives"]
-        if sub["num_classes_with_positives"]:  # no mAP (NaN) for a subset without test positives
-            flat[f"mAP_{name}"] = sub["mAP"]
+        sub = ap[np.asarray(list(idx), dtype=np.int64)]
+        flat[f"classes_{name}"] = int(np.isfinite(sub).sum())
+        if np.isfinite(sub).any():  # no mAP for a subset without test positives
+            flat[f"mAP_{name}"] = float(np.nanmean(sub))
     flat.update({(k if k in ("used", "truth_tags_unknown_to_model") else f"skipped/{k}"): v
                  for k, v in counts.items()})
     return flat

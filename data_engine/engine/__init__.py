@@ -230,7 +230,8 @@ def _skipped_tags(categories: Sequence[str] | None, wanted: Sequence[str] | None
     """Tag ids whose category is not cleaned (none without categories or a category filter)."""
     if categories is None or wanted is None:
         return frozenset()
-    return frozenset(i for i, c in enumerate(categories) if c not in set(wanted))
+    wanted = set(wanted)
+    return frozenset(i for i, c in enumerate(categories) if c not in wanted)
 
 
 def finish_engine(
