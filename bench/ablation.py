@@ -99,30 +99,22 @@ def _train(stage: str, params, overrides: dict, root: Path, out_dir: Path, label
     return out_dir, time.perf_counter() - t0
 
 
-def _evaluate(models: dict[str, Path], root: Path, params, out_dir: Path) -> dict[str, dict]:
-    """Test metrics per model (``mAP``, micro/macro P/R/F1) through the evaluation package."""
+def _evaluate(models: dict[str, Path], root: Path, out_dir: Path) -> dict[str, dict]:
+    """Test metrics per model (``mAP``, ``mAP_trained``, micro/macro P/R/F1). Each training stage
+    already scored its model on ``test`` (``train_result.json``); only a folder without those
+    figures is evaluated here."""
     from ram_model import evaluate as ev
-
-    if hasattr(ev, "evaluate_models"):
-        cfg = stage_config(ev.EvaluationConfig, "evaluation", params)
-        report = ev.evaluate_models(models, root, cfg, out_dir)
-        data = report.model_dump() if hasattr(report, "model_dump") else dict(report)
-        return data["models"]
     from ram_model.checkpoint import load_model
 
-    out = {name: ev.evaluate_split(load_model(path), root, "test") for name, path in models.items()}
+    out = {}
+    for name, path in models.items():
+        result = Path(path) / "train_result.json"
+        metrics = json.loads(result.read_text(encoding="utf-8")).get("metrics", {}) if result.exists() else {}
+        test = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+        out[name] = test if "mAP" in test else ev.evaluate_split(load_model(path), root, "test")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
     return out
-
-
-def _trained_tags_map(model_dir: Path) -> float | None:
-    """Test mAP over the tags the model had training positives for, as its stage measured it
-    (``train_result.json``); None for folders written without it."""
-    path = Path(model_dir) / "train_result.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get("metrics", {}).get("test/mAP_trained")
 
 
 def _fmt(value) -> str:
@@ -186,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             finetune_labels, init)
 
     wanted = {mid for _, mid, _ in ROWS if mid}
-    metrics = _evaluate({k: v for k, v in models.items() if k in wanted}, root, args.params, out / "evaluation")
+    metrics = _evaluate({k: v for k, v in models.items() if k in wanted}, root, out / "evaluation")
     parsed_m = engine["full"].metrics.get("parsed", {})
     rows = []
     for row, mid, what in ROWS:
@@ -197,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
         rows.append({
             "row": row, "model": mid, "what": what,
-            "test_mAP": m.get("mAP"), "test_mAP_trained": _trained_tags_map(models[mid]) if mid else None,
+            "test_mAP": m.get("mAP"), "test_mAP_trained": m.get("mAP_trained"),
             "test_F1": m.get("micro_f1", m.get("F1")),
             "label_precision": eng.get("precision"), "label_recall": eng.get("recall"),
             "train_s": train_s.get(mid),

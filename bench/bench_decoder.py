@@ -63,12 +63,12 @@ def backbone_features(images: torch.Tensor, batch: int = 200) -> torch.Tensor:
     return torch.cat(out)
 
 
-def multi_hot(tags: list[list[str]], names: list[str]) -> torch.Tensor:
+def tag_targets(tags: list[list[str]], names: list[str]) -> torch.Tensor:
+    """``[N, C]`` multi-hot of tag names over ``names`` (names outside it are dropped)."""
+    from ram_model.data import multi_hot
+
     index = {n: i for i, n in enumerate(names)}
-    y = torch.zeros(len(tags), len(names))
-    for row, item_tags in enumerate(tags):
-        y[row, [index[t] for t in item_tags if t in index]] = 1.0
-    return y
+    return multi_hot([[index[t] for t in item_tags if t in index] for item_tags in tags], len(names))
 
 
 def train_head(logits_fn, params, feats: torch.Tensor, targets: torch.Tensor, epochs: float, lr: float,
@@ -107,7 +107,7 @@ def main() -> None:
     train_images, train_tags = corpus_arrays("pretrain", args.n_train, args.image_size)
     test_images, test_tags = corpus_arrays("test", args.n_test, args.image_size)
     names = sorted({t for tags in train_tags for t in tags})  # held-out classes are test-only: left out
-    y_train, y_test = multi_hot(train_tags, names), multi_hot(test_tags, names)
+    y_train, y_test = tag_targets(train_tags, names), tag_targets(test_tags, names)
     f_train, f_test = backbone_features(train_images), backbone_features(test_images)
 
     rows = []

@@ -208,13 +208,8 @@ def _coerce(base: RamConfig, key: str, value: Any) -> Any:
 
 def config_overrides(config: RamConfig) -> dict[str, Any]:
     """Fields of ``config`` that differ from its registered base, as primitive values."""
-    base = MODEL_CONFIGS[config.name]
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(RamConfig):
-        value = getattr(config, f.name)
-        if value != getattr(base, f.name):
-            out[f.name] = _to_primitive(value)
-    return out
+    base = config_fields(MODEL_CONFIGS[config.name])
+    return {k: v for k, v in config_fields(config).items() if v != base[k]}
 
 
 def config_fields(config: RamConfig) -> dict[str, Any]:
