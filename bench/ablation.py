@@ -6,15 +6,16 @@ the label system):
 1. preliminary model: trained on parsed caption labels (``labels/pretrain.parquet``), or
    reused from ``models/preliminary_model`` with ``--reuse-preliminary``;
 2. ONE engine pass over ``pretrain`` serving four variants (:func:`run_engine_variants`):
-   ``full`` (generation + captioning branch + cleaning), ``generation_only``,
-   ``cleaning_only`` (cleaning of the parsed labels) and ``no_captioning``;
+   ``full`` (the ``engine:`` params: adaptation, generation, cleaning), ``generation_only``,
+   ``cleaning_only`` (cleaning of the parsed labels) and ``caption_parsing`` (``full`` plus
+   the tags parsed from the captioning branch's captions); with ``adapt_epochs`` the pass
+   first fine-tunes the engine's model (``engine/engine_model``), which gets a row too;
 3. retrain on the ``union_label_ids`` of ``full``, ``generation_only`` and ``cleaning_only``
    (the ``retrained_model`` recipe), and once more on ``full`` with the model's captioning branch
    off (``caption=false``: the Tag2Text joint task removed, RAM's "captioning" ablation);
    "engine off" retrains on the parsed labels with the same recipe, so that every retrained
-   row has the same steps whatever the preliminary model's own budget was. The engine's own
-   ``no_captioning`` variant (generation without parsing the generated captions) is reported
-   with its label precision/recall only;
+   row has the same steps whatever the preliminary model's own budget was. The engine's
+   ``caption_parsing`` variant is reported with its label precision/recall only;
 4. fine-tune every retrained model on ``finetune`` (the ``finetuned_model`` recipe);
 5. evaluate every model on ``test`` and write one table (markdown + JSON):
    preliminary, retrained (= "no fine-tune"), fine-tuned, and the ablations engine off,
@@ -54,12 +55,13 @@ VARIANTS: dict[str, dict] = {
     "full": {},
     "generation_only": {"cleaning": False},
     "cleaning_only": {"generation": False},
-    "no_captioning": {"captioning": False},
+    "caption_parsing": {"captioning": True},
 }
 
 ROWS: list[tuple[str, str, str]] = [
     # (row name, model id, what it is)
     ("preliminary", "preliminary", "parsed caption labels, no engine, no fine-tune"),
+    ("engine model", "engine_model", "preliminary adapted on the non-held-out half of finetune (engine only)"),
     ("retrained (no fine-tune)", "retrained_full", "full engine labels, no fine-tune"),
     ("fine-tuned", "finetuned_full", "full engine labels + fine-tune (the pipeline's model)"),
     ("ablation: engine off", "finetuned_engine_off", "parsed labels, retrain recipe + fine-tune"),
@@ -67,7 +69,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("ablation: cleaning only", "finetuned_cleaning_only", "cleaning of parsed labels + fine-tune"),
     ("ablation: captioning branch off", "finetuned_caption_off",
      "full engine labels, model trained without its caption branch + fine-tune"),
-    ("engine without caption parsing", None, "labels only: generation from tags alone + cleaning"),
+    ("engine with caption parsing", None, "labels only: full + tags parsed from generated captions"),
 ]
 ENGINE_OF = {"retrained_full": "full", "finetuned_full": "full", "finetuned_generation_only": "generation_only",
              "finetuned_cleaning_only": "cleaning_only", "finetuned_caption_off": "full"}
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = run_engine_variants(
         prelim, root, "pretrain", formats.labels_path(root, "pretrain"), formats.label_system_dir(root), variants,
         {n: out / "engine" / f"{n}.parquet" for n in variants}, {n: out / "engine_report" / n for n in variants})
+    adapted = engine["full"].generation.get("adapted_model")
+    if adapted:
+        models["engine_model"] = Path(adapted)
 
     finetune_labels = formats.labels_path(root, "finetune")
     retrained = {}
@@ -184,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     for row, mid, what in ROWS:
         m = metrics.get(mid, {}) if mid else {}
         if mid is None:  # an engine variant no model was retrained on
-            eng = engine["no_captioning"].metrics.get("cleaned", {})
+            eng = engine["caption_parsing"].metrics.get("cleaned", {})
         else:
             eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
+            if mid == "engine_model":
+                eng = {}
         rows.append({
             "row": row, "model": mid, "what": what,
             "test_mAP": m.get("mAP"), "test_mAP_trained": m.get("mAP_trained"),

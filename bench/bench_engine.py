@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_engine.label_system import LabelSystem
 
     model_path = args.model or formats.model_dir(args.root, "preliminary")
-    cfg = stage_config(EngineConfig, "engine", args.params, max_images=args.max_images)
+    # the pass's speed does not depend on the weights: no adaptation fine-tune here
+    cfg = stage_config(EngineConfig, "engine", args.params, max_images=args.max_images, adapt_epochs=0)
     labels = formats.labels_path(args.root, args.split)
     ls_dir = formats.label_system_dir(args.root)
     report_dir = args.report_dir or args.out.parent / "engine_report"

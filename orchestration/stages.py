@@ -296,9 +296,11 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
     report_dir.mkdir(parents=True, exist_ok=True)
     out = formats.engine_labels_path(env.data_root, "pretrain")
     out.parent.mkdir(parents=True, exist_ok=True)
+    tracking = {"tracking_uri": env.tracking_uri(), "experiment": env.mlflow.experiment,
+                "parent_run_id": pipeline_run_id(env)}  # the engine model's fine-tune, when adapt_epochs > 0
     result = run_engine(formats.model_dir(env.data_root, "preliminary_model"), env.data_root, "pretrain",
                         formats.labels_path(env.data_root, "pretrain"), formats.label_system_dir(env.data_root),
-                        out, cfg, report_dir)
+                        out, cfg, report_dir, tracking)
     metrics: dict[str, Any] = {}
     data = _jsonable(result)
     _flat("", {k: v for k, v in data.items() if k not in ("artifacts", "out_path")}, metrics)
@@ -308,7 +310,11 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
         metrics_bars(result.metrics, ["precision", "recall", "f1"], report_dir / "steps_vs_truth.png",
                      "engine labels vs truth, per step")
     plots = [str(p) for p in sorted(report_dir.glob("*.png"))]
-    return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots)
+    adapted = result.generation.get("adapted_model")
+    run_file = Path(adapted) / "train_result.json" if adapted else None
+    run_id = json.loads(run_file.read_text(encoding="utf-8")).get("mlflow_run_id") if run_file and run_file.exists() \
+        else None
+    return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots, run_id)
 
 
 # --------------------------------------------------------------------------- evaluation and registry

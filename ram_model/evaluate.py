@@ -80,16 +80,17 @@ def precision_recall_f1(preds: np.ndarray, targets: np.ndarray) -> dict[str, flo
     }
 
 
-def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, default: float = 0.5,
+def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, default: float | np.ndarray = 0.5,
                          min_positives: int = 1) -> np.ndarray:
     """Per-class thresholds ``[C]`` maximising F1 of ``score >= t`` on a validation split.
 
     The chosen cut lies halfway between the best-F1 score and the next lower distinct score (same
     predictions on the validation data, more margin on new data). Classes with fewer than
-    ``min_positives`` positives get ``default``.
+    ``min_positives`` positives get ``default`` (a number, or ``[C]`` per class: e.g. the
+    thresholds a fine-tuned model inherited, since a handful of positives set a poor cut).
     """
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
-    out = np.full(scores.shape[1], default, dtype=np.float64)
+    out = np.broadcast_to(np.asarray(default, dtype=np.float64), (scores.shape[1],)).copy()
     for c in range(scores.shape[1]):
         n_pos = int(targets[:, c].sum())
         if n_pos < max(min_positives, 1):

@@ -166,6 +166,15 @@ def export_model(model: torch.nn.Module, cfg: TrainStageConfig, out_dir: Path, t
 
 # --------------------------------------------------------------------------- evaluation
 
+def _current_thresholds(model: torch.nn.Module, num_classes: int) -> np.ndarray:
+    """The thresholds a class keeps when the validation slice cannot calibrate it: the model's own
+    (inherited from the initial checkpoint in a fine-tune), else the config's default."""
+    current = getattr(model, "thresholds", None)
+    if isinstance(current, torch.Tensor) and current.numel() == num_classes:
+        return current.detach().float().cpu().numpy()
+    return np.full(num_classes, float(getattr(getattr(model, "config", None), "default_threshold", 0.5)))
+
+
 def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_root: Path,
                            loader: TrainLoader) -> tuple[list[float] | None, dict[str, float]]:
     """Per-class thresholds on the held-out validation slice, then test-split metrics (rank 0).
@@ -191,8 +200,8 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
                 keys.extend(batch["keys"])
         s = np.concatenate(scores)
         t = multi_hot([loader.labels.tags[k] for k in keys], loader.labels.num_classes).numpy()
-        default = float(getattr(getattr(model, "config", None), "default_threshold", 0.5))
-        thr = evaluate.calibrate_thresholds(s, t, default=default)
+        thr = evaluate.calibrate_thresholds(s, t, default=_current_thresholds(model, t.shape[1]),
+                                            min_positives=cfg.calibration_min_positives)
         thresholds = [float(x) for x in thr]
         val = evaluate.evaluate_scores(s, t, thr)
         metrics.update({f"val/{k}": v for k, v in val.items() if isinstance(v, (int, float))})

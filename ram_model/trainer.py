@@ -67,6 +67,7 @@ class TrainStageConfig(BaseModel):
     resume: bool = True                           # continue from out_dir/checkpoints/latest
     init_from: str | None = None                  # checkpoint / model dir used when the caller passes none
     validation_fraction: float = 0.05             # held-out keys for threshold calibration
+    calibration_min_positives: int = Field(5, ge=1)  # fewer validation positives: keep the class's threshold
     eval_split: str = "test"
     eval_batch_size: int = 64
     eval_max_samples: int | None = None

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data_engine.engine import EngineConfig, Sample, engine_core
 from data_engine.engine.cleaning import CropStore, clean_tags, kmeans_outliers
-from data_engine.engine.generation import caption_parser, confident_tags, generate_labels
+from data_engine.engine.generation import caption_parser, confident_tags, generate_labels, precision_thresholds
 from data_engine.engine.regions import attention_box_cells, attention_to_box, box_iou, crop_image, to_tensor
 
 COLORS = np.array([[220, 30, 30], [30, 200, 30], [30, 30, 220], [230, 220, 30]], dtype=np.float32)
@@ -103,6 +103,89 @@ def test_generation_end_to_end_with_fixed_logits(tmp_path):
     assert list(df.loc["a", "added_ids"]) == [2]
     assert list(df.loc["b", "union_label_ids"]) == []          # sigmoid(0.3) = 0.57 < 0.7
     assert res.added == 1 and res.removed == 0 and res.images == 2
+
+
+def test_precision_thresholds_take_the_deepest_precise_prefix():
+    # class 0 by falling prob: T T F T F -> running precision 1, 1, .67, .75, .6
+    # class 1: two positives only (below min_positives) -> fallback
+    # class 2: F T T F T -> precision 0, .5, .67, .5, .6 never reaches .75 -> never added (inf)
+    probs = np.array([[0.9, 0.9, 0.9], [0.8, 0.8, 0.8], [0.7, 0.7, 0.7], [0.6, 0.6, 0.6], [0.5, 0.5, 0.5]])
+    labels = np.array([[1, 1, 0], [1, 1, 1], [0, 0, 1], [1, 0, 0], [0, 0, 1]], dtype=bool)
+    fallback = np.array([0.11, 0.22, 0.33])
+    thr, calibrated = precision_thresholds(probs, labels, target=0.75, fallback=fallback, min_positives=3)
+    assert thr[0] == pytest.approx(0.6) and thr[1] == pytest.approx(0.22) and np.isinf(thr[2])
+    assert calibrated.tolist() == [True, False, True]
+    with pytest.raises(ValueError):
+        precision_thresholds(probs, labels[:, :2], 0.9, fallback)
+
+
+def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_path):
+    """Calibration images with complete labels decide which confident predictions are added: red is
+    right there (added on the pretrain image), blue predictions are wrong there (never added), green
+    and yellow have no positives there (threshold + margin)."""
+    from data_engine.engine import Calibration
+
+    box = (8, 8, 56, 56)
+    calib = [Sample("c_red", synthetic_image([(0, box)])), Sample("c_blue", synthetic_image([(2, box)])),
+             Sample("c_grey", synthetic_image([])), Sample("c_stray", synthetic_image([]))]
+    calib_labels = {"c_red": [0], "c_blue": [], "c_grey": [2]}          # c_stray has no label row
+    image = synthetic_image([(0, box), (2, (60, 60, 90, 90)), (1, (60, 5, 90, 35))])
+    cfg = EngineConfig(cleaning=False, captioning=False, batch_size=2, report_tags=0, calibration_min_positives=1)
+    out = {}
+    for name, calibration in (("calibrated", Calibration(calib, calib_labels)), ("margin", None)):
+        res = engine_core(StandInModel(), [Sample("p", image)], {"p": []}, NAMES, cfg, tmp_path / f"{name}.parquet",
+                          tmp_path / name, calibration=calibration)
+        out[name] = (list(pd.read_parquet(tmp_path / f"{name}.parquet")["union_label_ids"][0]), res)
+    assert out["margin"][0] == [0, 1, 2]                 # threshold + margin adds all three colours
+    union, res = out["calibrated"]
+    assert union == [0, 1]                               # blue is never added; green falls back
+    assert res.generation["rule"] == "precision" and res.generation["calibration_images"] == 3
+    assert res.generation["classes_calibrated"] == 2 and res.generation["classes_never_added"] == 1
+    assert res.generation["calibration_skipped"] == {"not_in_labels": 1}
+    saved = json.loads(Path(res.artifacts["generation_thresholds_json"]).read_text())
+    assert saved["blue"] is None and 0.5 < saved["red"] <= 1.0
+    assert out["margin"][1].generation["rule"] == "threshold+margin"
+
+
+def test_image_score_cleaning_removes_a_named_tag_the_image_lacks(tmp_path):
+    """The keep threshold comes from how the clean split's red images score red; a caption that
+    names red on a grey image scores far below it, so cleaning removes that label."""
+    from data_engine.engine import Calibration
+
+    box = (8, 8, 56, 56)
+    calib = [Sample(f"c{i}", synthetic_image([(0, box)], jitter=i)) for i in range(4)]
+    samples = [Sample("grey", synthetic_image([])), Sample("red", synthetic_image([(0, box)]))]
+    parsed = {"grey": [0], "red": [0]}
+    removed = {}
+    for use in (True, False):
+        cfg = EngineConfig(generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
+                           calibration_min_positives=2, use_image_score=use)
+        res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / f"{use}.parquet", tmp_path / f"r{use}",
+                          calibration=Calibration(calib, {s.key: [0] for s in calib}))
+        df = pd.read_parquet(tmp_path / f"{use}.parquet").set_index("key")
+        removed[use] = {k: list(v) for k, v in df["removed_ids"].items()}
+        assert res.generation["classes_with_keep_threshold"] == 1 and res.generation["calibration_images"] == 4
+    assert removed[True] == {"grey": [0], "red": []}
+    assert removed[False] == {"grey": [], "red": []}
+
+
+def test_adaptation_recipe_and_split():
+    """The engine model's fine-tune keeps the preliminary recipe but trains on the calibration
+    split's non-held-out keys only: the ones the engine calibrates on are never trained on."""
+    from data_engine.engine.adapt import adapt_config, trained_on
+    from ram_model.data import is_validation_key
+
+    base = {"model": "ram_effnet_lite0", "model_overrides": {"image_size": 96}, "splits": ["pretrain"],
+            "epochs": 5, "lr": 2e-3, "warmup_steps": 50, "validation_fraction": 0.05, "engine": "deepspeed"}
+    cfg = adapt_config(base, "finetune", epochs=3, lr=5e-4, holdout=0.5)
+    assert cfg["splits"] == ["finetune"] and cfg["epochs"] == 3 and cfg["lr"] == 5e-4
+    assert cfg["validation_fraction"] == 0.5 and cfg["warmup_steps"] == 5 and cfg["resume"] is False
+    assert cfg["model"] == "ram_effnet_lite0" and cfg["model_overrides"] == {"image_size": 96}
+    keys = [f"ft_{i:05d}" for i in range(400)]
+    used = trained_on(keys, 0.5)
+    held = {k for k in keys if is_validation_key(k, 0.5)}
+    assert used.isdisjoint(held) and used | held == set(keys)
+    assert 120 < len(held) < 280
 
 
 def test_caption_parser_composes_parse_and_ids():
@@ -232,7 +315,7 @@ def test_engine_core_adds_missing_removes_hallucinated_and_reports(tmp_path):
     samples, parsed, truth = _corpus(80, np.random.default_rng(3))
     images = {s.key: s.image for s in samples}
     cfg = EngineConfig(batch_size=16, min_count=10, n_clusters=2, captioning=False, report_tags=2,
-                       report_crops=3)
+                       report_crops=3, use_rescore=True)   # the region rules only: no calibration split here
     res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / "engine" / "pretrain.parquet",
                       tmp_path / "report", truth=truth, image_loader=lambda keys: {k: images[k] for k in keys})
     df = pd.read_parquet(tmp_path / "engine" / "pretrain.parquet")
@@ -269,31 +352,45 @@ def test_engine_core_skips_unlabelled_samples_and_switches(tmp_path):
 # --------------------------------------------------------------------------- stage function
 
 
-def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
-    """``run_engine`` end to end on real shards, labels parquet and label system (stand-in model)."""
+def _write_split(root: Path, split: str, samples, parsed, truth, shard_size: int = 20) -> Path:
+    """Shards (JPEG + caption + truth) and ``labels/{split}.parquet`` of stand-in samples."""
     import io
 
-    import data_engine.engine as engine
     from data_engine import formats
-    from data_engine.label_system import LabelSystem
     from data_engine.shards import ShardWriter
 
-    samples, parsed, truth = _corpus(40, np.random.default_rng(5))
-    root = tmp_path / "data"
-    for shard_i in range(2):
-        with ShardWriter(formats.shard_path(root, "pretrain", shard_i)) as w:
-            for s in samples[shard_i * 20:(shard_i + 1) * 20]:
+    for shard_i in range(-(-len(samples) // shard_size)):
+        with ShardWriter(formats.shard_path(root, split, shard_i)) as w:
+            for s in samples[shard_i * shard_size:(shard_i + 1) * shard_size]:
                 buf = io.BytesIO()
                 s.image.save(buf, format="JPEG", quality=95)
-                meta = {"key": s.key, "split": "pretrain", "truth": {"tags": [NAMES[c] for c in truth[s.key]]}}
+                meta = {"key": s.key, "split": split, "truth": {"tags": [NAMES[c] for c in truth[s.key]]}}
                 w.write(s.key, buf.getvalue(), "caption", meta)
+    labels = formats.labels_path(root, split)
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"key": list(parsed), "parse_label_ids": list(parsed.values())}).to_parquet(labels)
+    return labels
+
+
+def _write_label_system(root: Path) -> None:
+    from data_engine import formats
+    from data_engine.label_system import LabelSystem
+
     ls = LabelSystem()
     for name in NAMES:
         ls.add(name, "object")
     ls.save(formats.label_system_dir(root))
-    labels = formats.labels_path(root, "pretrain")
-    labels.parent.mkdir(parents=True)
-    pd.DataFrame({"key": list(parsed), "parse_label_ids": list(parsed.values())}).to_parquet(labels)
+
+
+def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
+    """``run_engine`` end to end on real shards, labels parquet and label system (stand-in model)."""
+    import data_engine.engine as engine
+    from data_engine import formats
+
+    samples, parsed, truth = _corpus(40, np.random.default_rng(5))
+    root = tmp_path / "data"
+    labels = _write_split(root, "pretrain", samples, parsed, truth)
+    _write_label_system(root)
     monkeypatch.setattr(engine, "load_engine_model", lambda path, device="cpu": StandInModel())
 
     cfg = EngineConfig(batch_size=8, min_count=8, n_clusters=2, captioning=False, report_tags=2)
@@ -311,11 +408,52 @@ def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
     assert res.added > 0 and res.removed == 0 and res.tags_cleaned == 0
 
 
+def test_run_engine_adapts_then_calibrates_on_the_held_out_half_only(tmp_path, monkeypatch):
+    """With ``adapt_epochs`` the stage fine-tunes first (here a recording stand-in for the
+    trainer), loads the adapted model, and calibrates on the held-out keys alone."""
+    import data_engine.engine as engine
+    import data_engine.engine.adapt as adapt
+    from data_engine import formats
+    from ram_model.data import is_validation_key
+
+    root = tmp_path / "data"
+    samples, parsed, truth = _corpus(16, np.random.default_rng(7))
+    labels = _write_split(root, "pretrain", samples, parsed, truth)
+    clean, _, clean_truth = _corpus(24, np.random.default_rng(8))
+    clean = [Sample(f"ft{i:03d}", s.image) for i, s in enumerate(clean)]
+    clean_truth = {f"ft{i:03d}": t for i, t in enumerate(clean_truth.values())}
+    _write_split(root, "finetune", clean, {k: sorted(t) for k, t in clean_truth.items()}, clean_truth)
+    _write_label_system(root)
+    calls, loaded = [], []
+
+    def fake_adapt(model_dir, data_root, split, epochs, lr, holdout, out_dir, tracking=None):
+        calls.append((Path(model_dir).name, split, epochs, lr, holdout, out_dir))
+        return out_dir
+
+    monkeypatch.setattr(adapt, "adapt_model", fake_adapt)
+    monkeypatch.setattr(engine, "load_engine_model", lambda path, device="cpu": loaded.append(path) or StandInModel())
+    cfg = EngineConfig(batch_size=8, min_count=8, n_clusters=2, report_tags=0, adapt_epochs=2, adapt_lr=1e-3,
+                       adapt_holdout=0.5, calibration_min_positives=1)
+    out = formats.engine_labels_path(root, "pretrain")
+    res = engine.run_engine(tmp_path / "prelim", root, "pretrain", labels, formats.label_system_dir(root), out, cfg,
+                            tmp_path / "report")
+    assert calls == [("prelim", "finetune", 2, 1e-3, 0.5, out.parent / "engine_model")]
+    assert loaded == [out.parent / "engine_model"]
+    held = sum(is_validation_key(s.key, 0.5) for s in clean)
+    assert 0 < held < len(clean)
+    assert res.generation["calibration_images"] == held
+    assert res.generation["calibration_skipped"] == {"used_for_adaptation": len(clean) - held}
+    assert res.generation["adapted_model"] == str(out.parent / "engine_model")
+    with pytest.raises(FileNotFoundError, match="needs the 'test' split"):
+        engine.run_engine(tmp_path / "prelim", root, "pretrain", labels, formats.label_system_dir(root), out,
+                          cfg.model_copy(update={"calibration_split": "test"}), tmp_path / "report2")
+
+
 def test_variants_from_one_pass_match_separate_runs(tmp_path):
     from data_engine.engine import engine_variants
 
     samples, parsed, truth = _corpus(60, np.random.default_rng(6))
-    base = EngineConfig(batch_size=16, min_count=8, n_clusters=2, report_tags=0)
+    base = EngineConfig(batch_size=16, min_count=8, n_clusters=2, report_tags=0, use_rescore=True, captioning=True)
     variants = {
         "full": base,
         "generation_only": base.model_copy(update={"cleaning": False}),

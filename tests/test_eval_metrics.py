@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 from ram_model.evaluate import (
@@ -57,6 +58,30 @@ def test_calibrated_thresholds_maximise_f1():
         assert f1(thr[c]) == pytest.approx(best)
     res = evaluate_scores(scores, targets, thr)
     assert res["macro_f1"] >= evaluate_scores(scores, targets, 0.5)["macro_f1"]
+
+
+def test_classes_with_few_validation_positives_keep_their_own_threshold():
+    """A fine-tune's small validation slice calibrates only classes with enough positives; the
+    others keep the threshold the model inherited (a per-class ``default``)."""
+    from ram_model.train_stage import _current_thresholds
+
+    scores, targets = _data(2)
+    inherited = np.linspace(0.3, 0.6, scores.shape[1])
+    counts = (targets > 0).sum(0)
+    k = int(np.sort(counts)[len(counts) // 2])               # about half the classes fall short
+    thr = calibrate_thresholds(scores, targets, default=inherited, min_positives=k)
+    few = counts < k
+    assert few.any() and (~few).any()
+    assert np.array_equal(thr[few], inherited[few])
+    assert np.allclose(thr[~few], calibrate_thresholds(scores, targets, min_positives=k)[~few])
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, thresholds):
+            super().__init__()
+            self.register_buffer("thresholds", torch.as_tensor(thresholds, dtype=torch.float32))
+
+    assert np.allclose(_current_thresholds(Tagged(inherited), len(inherited)), inherited)
+    assert np.all(_current_thresholds(Tagged([]), 3) == 0.5)     # no tag set yet: the default
 
 
 def test_open_set_restriction():

@@ -97,3 +97,38 @@ def test_ram_tiny_stage_calibrates_evaluates_and_exports(root, tmp_path, monkeyp
     model = load_model(result.checkpoint)
     assert model.tag_names[:2] == ["red", "green"] and len(model.thresholds) == 6
     assert (tmp_path / "out" / "thresholds.json").exists()
+
+
+def test_engine_adaptation_fine_tunes_through_the_trainer(root, tmp_path, monkeypatch):
+    """``data_engine.engine.adapt``: the preliminary recipe, fine-tuned on the non-held-out half of
+    a clean split; the trainer's validation slice is exactly the engine's calibration half."""
+    import json
+
+    import torch
+
+    from data_engine.engine.adapt import adapt_model, trained_on
+    from ram_model.checkpoint import load_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data_root = tmp_path / "dr"
+    for sub in ("raw", "labels"):
+        (data_root / sub).mkdir(parents=True)
+    (data_root / "raw" / "pretrain").symlink_to(root / "raw" / "pretrain", target_is_directory=True)
+    (data_root / "labels" / "pretrain.parquet").symlink_to(root / "labels" / "pretrain.parquet")
+    write_label_system(data_root)
+    clean = make_split(data_root, "finetune", [20], seed=7)
+    cfg = _cfg(model="ram_tiny", max_steps=2, model_overrides={"caption_layers": 1})
+    prelim = tmp_path / "prelim"
+    train_stage(cfg, data_root, prelim, labels_path(root, "pretrain"), evaluate_after=False)
+    (prelim / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json")))  # as the stage writes it
+
+    adapted = adapt_model(prelim, data_root, "finetune", epochs=2, lr=1e-3, holdout=0.5, out_dir=tmp_path / "adapted")
+    result = json.loads((adapted / "train_result.json").read_text())["metrics"]
+    used = trained_on(clean, 0.5)
+    assert 0 < len(used) < len(clean)
+    assert result["data/held_out_validation"] == len(clean) - len(used)
+    assert result["data/train_samples"] == len(used) and result["steps"] > 0 and result["steps"] % 2 == 0  # 2 epochs
+    saved = json.loads((adapted / "train_config.json").read_text())
+    assert saved["splits"] == ["finetune"] and saved["validation_fraction"] == 0.5 and saved["max_steps"] is None
+    before, after = load_model(prelim).state_dict(), load_model(adapted).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())

@@ -6,6 +6,20 @@ per-class threshold plus ``margin`` and that the caption lacks is added. Optiona
 generation (captioning) branch writes a caption for the image and the tags parsed from it are
 added too. ``parse_label_ids`` stay as parsed: in RAM the tagging head trains on the union and
 the captioning head on the parsed tags.
+
+How sure is sure enough? The per-class thresholds of the preliminary model are set for F1 on
+noisy parsed labels, so "threshold + margin" says little about the precision of what gets
+added. :func:`precision_thresholds` sets each class's generation threshold instead on a split
+whose labels are complete and correct (the fine-tune split: RAM's small high-quality set): the
+lowest probability at which the model's predictions there are still at least ``target``
+precise. Classes with too few positives there keep ``threshold + margin``.
+
+The same split also says how low the model scores a tag that IS there:
+:func:`keep_thresholds` takes, per class, a low quantile of its probabilities on the images
+that have it. A label (parsed or added) the image scores below that is flagged ``low_score``;
+cleaning may remove it. This is the whole-image version of "the model scores the tag's region
+below threshold" (for a scene the whole image is the region), and it catches the tags a
+caption names but the image lacks.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ class GeneratedLabels:
     union: list[int]
     by_tagging: list[int] = field(default_factory=list)   # added by confident tagging
     by_caption: list[int] = field(default_factory=list)   # added by the captioning branch
+    low_score: list[int] = field(default_factory=list)    # union tags scored below their keep threshold
 
     @property
     def added(self) -> list[int]:
@@ -41,6 +56,53 @@ def confident_tags(probs: np.ndarray, thresholds: np.ndarray, margin: float) -> 
         raise ValueError(f"probs {probs.shape} and thresholds {thresholds.shape} do not match")
     sure = probs >= (thresholds + margin)[None, :]  # [B, C]
     return [np.flatnonzero(row).tolist() for row in sure]
+
+
+def precision_thresholds(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    target: float,
+    fallback: np.ndarray,
+    min_positives: int = 5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class thresholds at which predictions on a clean split reach ``target`` precision.
+
+    ``probs``: ``[N, C]`` model probabilities on the calibration images; ``labels``: ``[N, C]``
+    their complete labels (bool); ``fallback``: ``[C]`` thresholds for classes with fewer than
+    ``min_positives`` positives. For a class, the images are sorted by probability; the
+    threshold is the probability of the deepest image at which the running precision is still
+    ``>= target`` (so that prefix holds as many true positives as the target allows). A class
+    whose very first prediction is wrong gets ``inf``: the model never adds it.
+
+    Returns ``(thresholds [C], calibrated [C] bool)``.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels) > 0
+    if probs.shape != labels.shape or probs.ndim != 2:
+        raise ValueError(f"probs {probs.shape} and labels {labels.shape} must be the same [N, C]")
+    out = np.asarray(fallback, dtype=np.float64).copy()
+    calibrated = labels.sum(0) >= max(min_positives, 1)  # [C]
+    for c in np.flatnonzero(calibrated):
+        order = np.argsort(-probs[:, c], kind="stable")
+        hits = np.cumsum(labels[order, c])                      # [N] true positives in the prefix
+        precision = hits / np.arange(1, len(order) + 1)         # [N]
+        ok = np.flatnonzero(precision >= target)
+        out[c] = probs[order[ok[-1]], c] if len(ok) else np.inf
+    return out, calibrated
+
+
+def keep_thresholds(probs: np.ndarray, labels: np.ndarray, quantile: float, min_positives: int = 5) -> np.ndarray:
+    """Per class, the ``quantile`` of the probabilities of the calibration images that have it.
+
+    ``probs``, ``labels``: ``[N, C]``. About ``quantile`` of a class's true labels score below its
+    threshold. Classes with fewer than ``min_positives`` positives get 0 (never flagged).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels) > 0
+    out = np.zeros(probs.shape[1], dtype=np.float64)
+    for c in np.flatnonzero(labels.sum(0) >= max(min_positives, 1)):
+        out[c] = float(np.quantile(probs[labels[:, c], c], quantile))
+    return out
 
 
 def generate_labels(
@@ -75,6 +137,15 @@ def generate_labels(
             by_caption=sorted(by_cap),
         ))
     return out
+
+
+def flag_low_scores(labels: Sequence[GeneratedLabels], probs: np.ndarray, keep_at: np.ndarray) -> None:
+    """Set each image's ``low_score``: its union tags with ``probs[i, t] < keep_at[t]``.
+
+    ``probs``: ``[B, C]`` for the ``B`` images of ``labels``; ``keep_at``: ``[C]``.
+    """
+    for row, g in enumerate(labels):
+        g.low_score = [t for t in g.union if probs[row, t] < keep_at[t]]
 
 
 def caption_parser(

@@ -4,7 +4,8 @@ One pass over the split's shards, ``batch_size`` images at a time:
 
 1. resize + normalise the batch (``[B, 3, S, S]``) and tag it (``tag_logits`` -> sigmoid);
 2. generation: union of parsed tags, confident model tags and (optionally) tags parsed from
-   the captioning branch's caption (:mod:`.generation`);
+   the captioning branch's caption (:mod:`.generation`); union tags the image scores below
+   their keep threshold are flagged (``low_score``) for cleaning;
 3. cleaning input: the cross-attention maps of the batch's union tags
    (``tag_attention`` -> ``[B, T, h, w]``) give one region per (image, tag) (:mod:`.regions`);
    the crops are embedded (``image_embedding`` -> ``[N, D]``) and re-scored
@@ -32,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .cleaning import CropStore
-from .generation import GeneratedLabels, generate_labels
+from .generation import GeneratedLabels, flag_low_scores, generate_labels
 from .regions import attention_to_box, crop_image, to_tensor
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class StreamOptions:
     captioning: bool = True
     regions: bool = True            # compute crops/embeddings (needed by cleaning)
     margin: float = 0.1
+    add_thresholds: np.ndarray | None = None  # [C] generation thresholds (None: thresholds + margin)
+    keep_thresholds: np.ndarray | None = None  # [C] union tags scored below are flagged low_score
     attention_threshold: float = 0.5
     region_margin: float = 0.15
     max_images: int | None = None
@@ -140,6 +143,20 @@ def _region_pairs(model, samples: list[Sample], x: torch.Tensor, labels: list[Ge
 
 
 @torch.inference_mode()
+def score_samples(model, samples: Iterable[Sample], batch_size: int,
+                  device: torch.device | str = "cpu") -> tuple[list[str], np.ndarray]:
+    """Keys and tag probabilities ``[N, C]`` of ``samples``, ``batch_size`` images at a time."""
+    keys: list[str] = []
+    probs: list[np.ndarray] = []
+    for batch in _batched(samples, batch_size):
+        x = to_tensor([s.image for s in batch], model.data_config).to(device)   # [B, 3, S, S]
+        probs.append(torch.sigmoid(model.tag_logits(x).float()).cpu().numpy())  # [B, C]
+        keys.extend(s.key for s in batch)
+    width = len(getattr(model, "tag_names", ())) if not probs else probs[0].shape[1]
+    return keys, np.concatenate(probs) if probs else np.zeros((0, width), dtype=np.float32)
+
+
+@torch.inference_mode()
 def stream_labels(
     model,
     samples: Iterable[Sample],
@@ -173,16 +190,21 @@ def stream_labels(
             n += 1
             yield s
 
+    add_at = opts.add_thresholds if opts.add_thresholds is not None else thresholds + opts.margin  # [C]
     start = time.perf_counter()
     bar = tqdm(total=total if opts.max_images is None else min(total or opts.max_images, opts.max_images),
                desc="engine", unit="img", disable=None)
     for batch in _batched(known(samples), opts.batch_size):
         x = to_tensor([s.image for s in batch], data_config).to(device)  # [B, 3, S, S]
-        probs = torch.sigmoid(model.tag_logits(x).float()).cpu().numpy() if opts.generation else None  # [B, C]
+        scored = opts.generation or opts.keep_thresholds is not None
+        probs = torch.sigmoid(model.tag_logits(x).float()).cpu().numpy() if scored else None  # [B, C]
         cap_ids = None
         if use_caption:
             cap_ids = caption_to_ids(list(model.caption(x)))
-        gen = generate_labels([parsed[s.key] for s in batch], probs, thresholds, opts.margin, cap_ids, num_classes)
+        gen = generate_labels([parsed[s.key] for s in batch], probs if opts.generation else None, add_at, 0.0,
+                              cap_ids, num_classes)
+        if opts.keep_thresholds is not None:
+            flag_low_scores(gen, probs, opts.keep_thresholds)
         if opts.regions:
             state.pairs += _region_pairs(model, batch, x, gen, len(state.keys), opts, data_config,
                                          num_classes, state.store)

@@ -1,0 +1,72 @@
+"""Adapt the engine's tagger to the clean split before it labels the noisy one.
+
+The preliminary model learned from parsed captions, which leave out most colours and about
+40% of the objects, so it ranks those tags poorly. A few epochs on complete, correct labels
+(RAM's small high-quality set, our ``finetune`` split) fix much of that ranking. The engine
+needs the same clean split to calibrate its thresholds, so the split is cut in two by a
+stable hash of the key (:func:`ram_model.data.is_validation_key`):
+
+* the ``1 - holdout`` part fine-tunes the preliminary model, through the project's trainer
+  (:func:`ram_model.train_stage.train_stage`, plain torch engine), with the preliminary
+  stage's own recipe except split, epochs, learning rate and hold-out;
+* the ``holdout`` part is what the trainer holds out for its threshold calibration, and the
+  only part the engine calibrates generation and keep thresholds on: images the adapted model
+  never trained on.
+
+The adapted model is written next to the engine's labels (``engine/engine_model``), with its
+MLflow run, so the labels it produced can be traced to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def adapt_config(base: Mapping[str, Any], split: str, epochs: int, lr: float, holdout: float) -> dict[str, Any]:
+    """The preliminary stage's training config, switched to a short fine-tune on ``split``."""
+    warmup = min(int(base.get("warmup_steps", 0) or 0), 5)
+    return {**base, "splits": [split], "epochs": epochs, "max_steps": None, "lr": lr, "warmup_steps": warmup,
+            "validation_fraction": holdout, "resume": False, "init_from": None, "engine": "torch"}
+
+
+def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: float, holdout: float,
+                out_dir: Path, tracking: Mapping[str, Any] | None = None) -> Path:
+    """Fine-tune the model in ``model_dir`` on ``split`` minus its held-out keys; returns ``out_dir``.
+
+    ``tracking``: ``tracking_uri`` / ``experiment`` for the training config and ``parent_run_id``
+    for its MLflow run (the orchestrator nests it under the pipeline run, like every stage).
+    """
+    tracking = dict(tracking or {})
+    parent = tracking.pop("parent_run_id", None)
+    from data_engine.formats import labels_path
+    from ram_model.train_stage import train_stage
+    from ram_model.trainer import TrainStageConfig
+
+    config_file = Path(model_dir) / TRAIN_CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} missing: adaptation reuses the preliminary model's recipe")
+    base = json.loads(config_file.read_text(encoding="utf-8"))
+    cfg = TrainStageConfig(**{**adapt_config(base, split, epochs, lr, holdout), **tracking})
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh fine-tune, never a resumed one
+    log.info("adapting %s: %d epochs on %s (%.0f%% held out for calibration), lr %g",
+             model_dir, epochs, split, 100 * holdout, lr)
+    result = train_stage(cfg, data_root, out_dir, labels_path(data_root, split), init_from=Path(model_dir),
+                         parent_run_id=parent)
+    log.info("adapted on %s: test mAP %s", split, result.metrics.get("test/mAP"))
+    return Path(out_dir)
+
+
+def trained_on(keys, holdout: float) -> set[str]:
+    """The keys the adaptation trained on (not held out; the trainer's own hash)."""
+    from ram_model.data import is_validation_key
+
+    return {k for k in keys if not is_validation_key(k, holdout)}
