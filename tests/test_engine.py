@@ -145,6 +145,12 @@ def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_pa
     saved = json.loads(Path(res.artifacts["generation_thresholds_json"]).read_text())
     assert saved["blue"] is None and 0.5 < saved["red"] <= 1.0
     assert out["margin"][1].generation["rule"] == "threshold+margin"
+    # a calibration split whose keys have no label rows calibrates nothing: counted, then the margin rule
+    res = engine_core(StandInModel(), [Sample("p", image)], {"p": []}, NAMES, cfg, tmp_path / "none.parquet",
+                      tmp_path / "none", calibration=Calibration(calib, {}))
+    assert list(pd.read_parquet(tmp_path / "none.parquet")["union_label_ids"][0]) == [0, 1, 2]
+    assert res.generation == {"rule": "threshold+margin", "margin": 0.1, "calibration_images": 0,
+                              "calibration_skipped": {"not_in_labels": 4}}
 
 
 def test_image_score_cleaning_removes_a_named_tag_the_image_lacks(tmp_path):

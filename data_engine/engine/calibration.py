@@ -68,6 +68,11 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
                 calibration.skipped["not_in_labels"] += 1
 
     keys, probs = score_samples(model, labelled(calibration.samples), cfg.batch_size, torch.device(cfg.device))
+    if not keys:
+        log.warning("no calibration image has a label row (%s): generation uses threshold + margin, no label "
+                    "is flagged", dict(calibration.skipped))
+        return fallback, None, {"rule": "threshold+margin", "margin": cfg.margin, "calibration_images": 0,
+                                "calibration_skipped": dict(calibration.skipped)}
     labels = np.zeros(probs.shape, dtype=bool)  # [N, C]
     for row, key in enumerate(keys):
         ids = [int(i) for i in calibration.labels[key] if 0 <= int(i) < probs.shape[1]]
