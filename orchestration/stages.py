@@ -310,10 +310,10 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
         metrics_bars(result.metrics, ["precision", "recall", "f1"], report_dir / "steps_vs_truth.png",
                      "engine labels vs truth, per step")
     plots = [str(p) for p in sorted(report_dir.glob("*.png"))]
+    run_id = None  # the adapted engine model's MLflow run, when the engine fine-tuned one
     adapted = result.generation.get("adapted_model")
-    run_file = Path(adapted) / "train_result.json" if adapted else None
-    run_id = json.loads(run_file.read_text(encoding="utf-8")).get("mlflow_run_id") if run_file and run_file.exists() \
-        else None
+    if adapted and (Path(adapted) / "train_result.json").exists():
+        run_id = json.loads((Path(adapted) / "train_result.json").read_text(encoding="utf-8")).get("mlflow_run_id")
     return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots, run_id)
 
 

@@ -166,8 +166,8 @@ def test_image_score_cleaning_removes_a_named_tag_the_image_lacks(tmp_path):
     for use in (True, False):
         cfg = EngineConfig(generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
                            calibration_min_positives=2, use_image_score=use)
-        res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / f"{use}.parquet", tmp_path / f"r{use}",
-                          calibration=Calibration(calib, {s.key: [0] for s in calib}))
+        res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / f"{use}.parquet",
+                          tmp_path / f"r{use}", calibration=Calibration(calib, {s.key: [0] for s in calib}))
         df = pd.read_parquet(tmp_path / f"{use}.parquet").set_index("key")
         removed[use] = {k: list(v) for k, v in df["removed_ids"].items()}
         assert res.generation["classes_with_keep_threshold"] == 1 and res.generation["calibration_images"] == 4

@@ -166,11 +166,12 @@ def _figure_rows(state: StreamState, arrays: dict, cleaning: CleaningResult, nam
     return [(name, crops(k), crops(r)) for name, k, r in chosen]
 
 
-def _stream_options(variants: Sequence[EngineConfig], add_thresholds: np.ndarray | None = None) -> StreamOptions:
+def _stream_options(variants: Sequence[EngineConfig]) -> StreamOptions:
     """One streaming pass that serves every variant (the superset of their switches)."""
     first = variants[0]
     shared = ("batch_size", "margin", "generation_precision", "calibration_split", "calibration_min_positives",
-              "keep_quantile", "adapt_epochs", "adapt_lr", "adapt_holdout", "attention_threshold", "region_margin", "max_images", "device", "seed")
+              "keep_quantile", "adapt_epochs", "adapt_lr", "adapt_holdout", "attention_threshold", "region_margin",
+              "max_images", "device", "seed")
     for v in variants[1:]:
         diff = [k for k in shared if getattr(v, k) != getattr(first, k)]
         if diff:
@@ -178,7 +179,7 @@ def _stream_options(variants: Sequence[EngineConfig], add_thresholds: np.ndarray
     return StreamOptions(
         batch_size=first.batch_size, generation=any(v.generation for v in variants),
         captioning=any(v.generation and v.captioning for v in variants),
-        regions=any(v.cleaning for v in variants), margin=first.margin, add_thresholds=add_thresholds,
+        regions=any(v.cleaning for v in variants), margin=first.margin,
         attention_threshold=first.attention_threshold, region_margin=first.region_margin,
         max_images=first.max_images,
     )

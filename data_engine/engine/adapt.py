@@ -45,11 +45,12 @@ def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: f
     ``tracking``: ``tracking_uri`` / ``experiment`` for the training config and ``parent_run_id``
     for its MLflow run (the orchestrator nests it under the pipeline run, like every stage).
     """
-    tracking = dict(tracking or {})
-    parent = tracking.pop("parent_run_id", None)
     from data_engine.formats import labels_path
     from ram_model.train_stage import train_stage
     from ram_model.trainer import TrainStageConfig
+
+    tracking = dict(tracking or {})
+    parent = tracking.pop("parent_run_id", None)
 
     config_file = Path(model_dir) / TRAIN_CONFIG_FILE
     if not config_file.exists():

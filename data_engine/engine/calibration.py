@@ -51,12 +51,13 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
     falls back to ``threshold + margin`` and nothing is flagged.
     """
     fallback = thresholds + cfg.margin  # [C]
+    margin_rule = {"rule": "threshold+margin", "margin": cfg.margin}
     wants_precision = cfg.generation and cfg.generation_precision is not None
     if not wants_precision and cfg.keep_quantile is None:
-        return fallback, None, {"rule": "threshold+margin", "margin": cfg.margin}
+        return fallback, None, margin_rule
     if calibration is None:
         log.warning("no calibration split: generation uses threshold + margin for every class, no label is flagged")
-        return fallback, None, {"rule": "threshold+margin", "margin": cfg.margin, "calibration_images": 0}
+        return fallback, None, {**margin_rule, "calibration_images": 0}
 
     def labelled(samples: Iterable[Sample]) -> Iterable[Sample]:
         for s in samples:
@@ -71,7 +72,7 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
     if not keys:
         log.warning("no calibration image has a label row (%s): generation uses threshold + margin, no label "
                     "is flagged", dict(calibration.skipped))
-        return fallback, None, {"rule": "threshold+margin", "margin": cfg.margin, "calibration_images": 0,
+        return fallback, None, {**margin_rule, "calibration_images": 0,
                                 "calibration_skipped": dict(calibration.skipped)}
     labels = np.zeros(probs.shape, dtype=bool)  # [N, C]
     for row, key in enumerate(keys):
@@ -93,7 +94,7 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
                  "%d never added, the rest at threshold + %.2f", cfg.generation_precision, len(keys),
                  info["classes_calibrated"], info["classes_never_added"], cfg.margin)
     else:
-        info.update({"rule": "threshold+margin", "margin": cfg.margin})
+        info.update(margin_rule)
     keep_at = None
     if cfg.keep_quantile is not None:
         keep_at = keep_thresholds(probs, labels, cfg.keep_quantile, cfg.calibration_min_positives)

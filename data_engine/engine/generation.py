@@ -72,7 +72,7 @@ def precision_thresholds(
     ``min_positives`` positives. For a class, the images are sorted by probability; the
     threshold is the probability of the deepest image at which the running precision is still
     ``>= target`` (so that prefix holds as many true positives as the target allows). A class
-    whose very first prediction is wrong gets ``inf``: the model never adds it.
+    whose running precision never reaches ``target`` gets ``inf``: the model never adds it.
 
     Returns ``(thresholds [C], calibrated [C] bool)``.
     """
