@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         m = metrics.get(mid, {}) if mid else {}
         if mid is None:  # an engine variant no model was retrained on
             eng = engine["caption_parsing"].metrics.get("cleaned", {})
+        elif mid == "engine_model":  # fine-tuned on the clean split: no pretrain labels of its own
+            eng = {}
         else:
             eng = engine[ENGINE_OF[mid]].metrics.get("cleaned", {}) if mid in ENGINE_OF else parsed_m
-            if mid == "engine_model":
-                eng = {}
         rows.append({
             "row": row, "model": mid, "what": what,
             "test_mAP": m.get("mAP"), "test_mAP_trained": m.get("mAP_trained"),

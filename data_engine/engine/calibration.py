@@ -43,6 +43,11 @@ class Calibration:
     adapted_model: str | None = None       # that model's folder
 
 
+def _wants_precision(cfg: EngineConfig) -> bool:
+    """Generation thresholds are set for precision (else: class threshold + margin)."""
+    return cfg.generation and cfg.generation_precision is not None
+
+
 def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[str],
               calibration: Calibration | None) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Generation thresholds ``[C]``, keep thresholds ``[C]`` (or None) and how they were set.
@@ -52,7 +57,7 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
     """
     fallback = thresholds + cfg.margin  # [C]
     margin_rule = {"rule": "threshold+margin", "margin": cfg.margin}
-    wants_precision = cfg.generation and cfg.generation_precision is not None
+    wants_precision = _wants_precision(cfg)
     if not wants_precision and cfg.keep_quantile is None:
         return fallback, None, margin_rule
     if calibration is None:
@@ -106,8 +111,7 @@ def load_calibration(data_root: Path, cfg: EngineConfig) -> Calibration | None:
     """The calibration split's images and parsed labels, when generation asks for them and both exist."""
     from data_engine.formats import labels_path, list_shards
 
-    if not (cfg.generation and cfg.generation_precision is not None) and cfg.keep_quantile is None \
-            and not cfg.adapt_epochs:
+    if not (_wants_precision(cfg) or cfg.keep_quantile is not None or cfg.adapt_epochs):
         return None
     shards = list_shards(data_root, cfg.calibration_split)
     path = labels_path(data_root, cfg.calibration_split)
