@@ -23,13 +23,16 @@ def asymmetric_loss(
     eps: float = 1e-8,
     reduction: str = "batchmean",
     focal_grad: bool = False,
+    reject_negatives: float = 0.0,
 ) -> torch.Tensor:
     """Asymmetric loss (Ridnik et al. 2021) for multi-label logits ``[B, C]``.
 
     ``p = sigmoid(x)``; negatives use the shifted probability ``p_m = max(p - clip, 0)``;
     ``L = -y (1-p)^g+ log(p) - (1-y) p_m^g- log(1 - p_m)`` with logs clamped at ``eps``.
     The focusing weight is computed without gradient unless ``focal_grad`` (as RAM does).
-    ``reduction``: ``"sum"`` (RAM), ``"batchmean"`` (sum over tags / B) or ``"mean"``.
+    ``reject_negatives``: fraction of the batch's negative entries with the largest loss that
+    are left out (see :func:`large_loss_mask`). ``reduction``: ``"sum"`` (RAM), ``"batchmean"``
+    (sum over tags / B) or ``"mean"`` (over the entries kept).
     """
     targets = targets.to(logits.dtype)
     p = torch.sigmoid(logits)
@@ -43,14 +46,39 @@ def asymmetric_loss(
             gamma = gamma_pos * targets + gamma_neg * (1 - targets)
             weight = torch.pow(1 - pt, gamma)
         loss = loss * weight
-    loss = -loss
+    loss = -loss  # [B, C]
+    keep = large_loss_mask(loss, targets, reject_negatives) if reject_negatives > 0 else None
+    if keep is not None:
+        loss = loss * keep
     if reduction == "sum":
         return loss.sum()
     if reduction == "batchmean":
         return loss.sum() / max(logits.shape[0], 1)
     if reduction == "mean":
-        return loss.mean()
+        return loss.mean() if keep is None else loss.sum() / keep.sum().clamp(min=1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[B, C]`` mask (1 = keep) that drops the ``fraction`` of negative entries with the largest loss.
+
+    Captions leave tags out, so a parsed label set is missing positives, and training on it
+    pushes present tags down. Once the model has learnt the typical images, the negatives it
+    is most sure are present (the largest negative losses) are mostly such missing positives:
+    rejecting them each batch is "LL-R" of Kim et al., "Large Loss Matters in Weakly Supervised
+    Multi-Label Classification" (CVPR 2022). Positives are always kept.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"reject fraction must be in [0, 1), got {fraction}")
+    keep = torch.ones_like(loss)
+    negative = targets <= 0
+    k = int(fraction * int(negative.sum()))
+    if k == 0:
+        return keep
+    with torch.no_grad():
+        scores = loss.detach().masked_fill(~negative, float("-inf")).flatten()
+        keep.view(-1)[scores.topk(k).indices] = 0.0
+    return keep
 
 
 def caption_lm_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:

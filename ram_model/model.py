@@ -256,7 +256,8 @@ class RamModel(nn.Module):
         batch: ``image [B, 3, H, W]`` (normalised), ``tag_targets [B, C]`` multi-hot over the
         current tag set; optional ``caption_ids``/``caption_mask [B, L]`` (caption loss, when the
         branch is enabled), ``parse_targets [B, C]`` (tags conditioning the captioner, default
-        ``tag_targets``), ``teacher_embedding [B, Dt]`` (else the configured teacher computes it).
+        ``tag_targets``), ``teacher_embedding [B, Dt]`` (else the configured teacher computes it),
+        ``reject_negatives`` (float: fraction of negative labels with the largest tag loss left out).
         Returns scalar ``loss`` plus ``loss_tag`` / ``loss_caption`` / ``loss_distill`` when computed.
         """
         c = self.config
@@ -265,8 +266,9 @@ class RamModel(nn.Module):
             raise ValueError(f"tag_targets must be [B, {self.num_tags}], got {tuple(targets.shape)}")
         tokens, _ = self.encode_image(images)
         logits, _ = self._decode_tags(tokens)
-        out = {"loss_tag": asymmetric_loss(logits, targets, c.gamma_neg, c.gamma_pos, c.asl_clip,
-                                           c.asl_eps, c.asl_reduction)}
+        reject = float(batch.get("reject_negatives", 0.0))
+        out = {"loss_tag": asymmetric_loss(logits, targets, c.gamma_neg, c.gamma_pos, c.asl_clip, c.asl_eps,
+                                           c.asl_reduction, reject_negatives=reject)}
         loss_caption = loss_distill = None
         if c.caption and batch.get("caption_ids") is not None:
             ids = batch["caption_ids"]

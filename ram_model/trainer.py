@@ -68,6 +68,10 @@ class TrainStageConfig(BaseModel):
     init_from: str | None = None                  # checkpoint / model dir used when the caller passes none
     validation_fraction: float = 0.05             # held-out keys for threshold calibration
     calibration_min_positives: int = Field(5, ge=1)  # fewer validation positives: keep the class's threshold
+    # noisy captions miss tags: leave this fraction of each batch's negative labels with the largest
+    # tag loss out (LL-R, see ram_model.losses.large_loss_mask), from `reject_start` of training on
+    missing_label_rejection: float = Field(0.0, ge=0.0, lt=1.0)
+    reject_start: float = Field(0.33, ge=0.0, le=1.0)
     eval_split: str = "test"
     eval_batch_size: int = 64
     eval_max_samples: int | None = None
@@ -165,8 +169,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Loader batch -> model batch (adds caption tokens; drops keys/captions)."""
+        """Loader batch -> model batch (adds caption tokens and the rejection rate; drops keys/captions)."""
         out = {k: batch[k] for k in ("image", "tag_targets", "parse_targets")}
+        if self.cfg.missing_label_rejection > 0 and self.state.step >= self.cfg.reject_start * self.total_steps:
+            out["reject_negatives"] = self.cfg.missing_label_rejection
         tokenizer = getattr(self.engine.module, "tokenizer", None)
         if self.cfg.caption and tokenizer is not None:
             ids, mask = tokenizer.encode(batch["captions"], self.caption_max_len)

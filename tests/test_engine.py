@@ -175,6 +175,25 @@ def test_image_score_cleaning_removes_a_named_tag_the_image_lacks(tmp_path):
     assert removed[False] == {"grey": [], "red": []}
 
 
+@pytest.mark.parametrize("cap, removed_small", [(True, []), (False, [0])])
+def test_image_score_never_removes_a_tag_the_model_predicts(tmp_path, cap, removed_small):
+    """Clean red images fill half the frame, so red's keep quantile is near 1. A small red patch
+    scores 0.63: above red's class threshold (0.5), below that quantile. With the cap the label
+    stays; without it the rule removes a right label. A grey image's red label goes either way."""
+    from data_engine.engine import Calibration
+
+    calib = [Sample(f"c{i}", synthetic_image([(0, (8, 8, 56, 56))], jitter=i)) for i in range(4)]
+    samples = [Sample("grey", synthetic_image([])), Sample("small", synthetic_image([(0, (30, 30, 50, 50))]))]
+    cfg = EngineConfig(generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
+                       calibration_min_positives=2, keep_above_threshold=cap)
+    res = engine_core(StandInModel(), samples, {"grey": [0], "small": [0]}, NAMES, cfg, tmp_path / "out.parquet",
+                      tmp_path / "report", calibration=Calibration(calib, {s.key: [0] for s in calib}))
+    df = pd.read_parquet(tmp_path / "out.parquet").set_index("key")
+    removed = {k: list(v) for k, v in df["removed_ids"].items()}
+    assert removed == {"grey": [0], "small": removed_small}
+    assert res.generation["keep_above_threshold"] is cap
+
+
 def test_adaptation_recipe_and_split():
     """The engine model's fine-tune keeps the preliminary recipe but trains on the calibration
     split's non-held-out keys only: the ones the engine calibrates on are never trained on."""

@@ -110,6 +110,19 @@ def test_checkpoints_every_n_steps_and_keeps_the_latest(root, tmp_path):
     assert latest_checkpoint(tmp_path / "run")[1]["step"] == 6
 
 
+def test_missing_label_rejection_starts_at_its_share_of_training(root, tmp_path):
+    t = _trainer(root, tmp_path / "run", _cfg(max_steps=6, missing_label_rejection=0.2, reject_start=0.5))
+    batch = next(iter(t.loader.iter_epoch(0)))
+    rates = []
+    for step in range(6):
+        t.state.step = step
+        rates.append(t._prepare(batch).get("reject_negatives", 0.0))
+    assert rates == [0.0, 0.0, 0.0, 0.2, 0.2, 0.2]  # steps 3..5: from half of the 6 steps on
+    off = _trainer(root, tmp_path / "off", _cfg(max_steps=6))
+    off.state.step = 5
+    assert "reject_negatives" not in off._prepare(batch)
+
+
 def test_batch_size_must_split_into_micro_batches(root, tmp_path):
     with pytest.raises(ValueError, match="multiple"):
         _trainer(root, tmp_path, _cfg(batch_size=6, micro_batch_size=4))

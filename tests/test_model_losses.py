@@ -1,4 +1,4 @@
-"""Asymmetric loss vs its formula by hand, LM loss padding, RAM's loss rescaling."""
+"""Asymmetric loss vs its formula by hand, large-loss rejection, LM loss padding, RAM's loss rescaling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ram_model.losses import asymmetric_loss, caption_lm_loss, combine_losses
+from ram_model.losses import asymmetric_loss, caption_lm_loss, combine_losses, large_loss_mask
 
 
 def _asl_by_hand(x: float, y: int, gn=7.0, gp=0.0, clip=0.05, eps=1e-8) -> float:
@@ -66,3 +66,26 @@ def test_ram_rescaling_matches_caption_magnitude_and_scales_gradient():
     assert float(combine_losses(torch.tensor(5.0), rescale="ram")) == pytest.approx(5.0)  # no caption
     with pytest.raises(ValueError):
         combine_losses(torch.tensor(1.0), rescale="bogus")
+
+
+def test_large_loss_mask_drops_only_the_largest_negative_losses():
+    loss = torch.tensor([[0.1, 9.0, 0.3, 5.0], [7.0, 0.2, 4.0, 0.4]])
+    targets = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 7 negatives
+    keep = large_loss_mask(loss, targets, 0.3)  # int(0.3 * 7) = 2 rejected
+    # the positive (loss 9.0) stays; the two largest negative losses (7.0, 5.0) go
+    assert keep.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
+    assert large_loss_mask(loss, targets, 0.1).eq(1).all()  # int(0.7) = 0 rejected
+    with pytest.raises(ValueError, match="reject fraction"):
+        large_loss_mask(loss, targets, 1.0)
+
+
+def test_asl_with_rejection_leaves_a_missing_positive_out_of_the_loss_and_gradient():
+    # one image whose caption lacked tag 2: the model says 0.99, the label says 0
+    logits = torch.tensor([[3.0, -4.0, 4.6, -3.0, -2.5]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]])
+    plain = asymmetric_loss(logits, targets, reduction="sum")
+    rejected = asymmetric_loss(logits, targets, reduction="sum", reject_negatives=0.25)  # 1 of 4 negatives
+    without_tag2 = asymmetric_loss(logits[:, [0, 1, 3, 4]], targets[:, [0, 1, 3, 4]], reduction="sum")
+    assert float(rejected) == pytest.approx(float(without_tag2), rel=1e-6) and float(rejected) < float(plain)
+    rejected.backward()
+    assert logits.grad[0, 2] == 0 and logits.grad[0, 0] < 0  # no push on the missing tag; positives still learn

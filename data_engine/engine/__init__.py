@@ -58,7 +58,7 @@ class EngineConfig(BaseModel):
     margin: float = Field(0.1, description="add a tag when prob >= class threshold + margin (the rule for "
                           "classes that generation_precision cannot calibrate)")
     generation_precision: float | None = Field(
-        0.95, gt=0, le=1, description="per-class generation thresholds set for this precision on the "
+        0.97, gt=0, le=1, description="per-class generation thresholds set for this precision on the "
         "calibration split (None: threshold + margin for every class)")
     calibration_split: str = Field("finetune", description="split with complete, correct captions whose parsed "
                                    "labels calibrate generation")
@@ -66,6 +66,8 @@ class EngineConfig(BaseModel):
     keep_quantile: float | None = Field(
         0.1, ge=0, lt=1, description="flag a label the image scores below this quantile of the class's "
         "probabilities on calibration positives (None: no flags)")
+    keep_above_threshold: bool = Field(True, description="never flag a label the model scores at or above its "
+                                       "class threshold (the keep threshold is capped there)")
     adapt_epochs: int = Field(0, ge=0, description="first fine-tune the preliminary model this many epochs on "
                               "the part of the calibration split not held out (0: use it as is)")
     adapt_lr: float = Field(5e-4, gt=0)
@@ -170,7 +172,7 @@ def _stream_options(variants: Sequence[EngineConfig]) -> StreamOptions:
     """One streaming pass that serves every variant (the superset of their switches)."""
     first = variants[0]
     shared = ("batch_size", "margin", "generation_precision", "calibration_split", "calibration_min_positives",
-              "keep_quantile", "adapt_epochs", "adapt_lr", "adapt_holdout", "attention_threshold", "region_margin",
+              "keep_quantile", "keep_above_threshold", "adapt_epochs", "adapt_lr", "adapt_holdout", "attention_threshold", "region_margin",
               "max_images", "device", "seed")
     for v in variants[1:]:
         diff = [k for k in shared if getattr(v, k) != getattr(first, k)]

@@ -32,10 +32,14 @@ TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def adapt_config(base: Mapping[str, Any], split: str, epochs: int, lr: float, holdout: float) -> dict[str, Any]:
-    """The preliminary stage's training config, switched to a short fine-tune on ``split``."""
+    """The preliminary stage's training config, switched to a short fine-tune on ``split``.
+
+    The clean split's labels are complete, so nothing is rejected as a missing label there.
+    """
     warmup = min(int(base.get("warmup_steps", 0) or 0), 5)
     return {**base, "splits": [split], "epochs": epochs, "max_steps": None, "lr": lr, "warmup_steps": warmup,
-            "validation_fraction": holdout, "resume": False, "init_from": None, "engine": "torch"}
+            "validation_fraction": holdout, "resume": False, "init_from": None, "engine": "torch",
+            "missing_label_rejection": 0.0}
 
 
 def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: float, holdout: float,

@@ -103,7 +103,10 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
     keep_at = None
     if cfg.keep_quantile is not None:
         keep_at = keep_thresholds(probs, labels, cfg.keep_quantile, cfg.calibration_min_positives)
-        info.update({"keep_quantile": cfg.keep_quantile, "classes_with_keep_threshold": int((keep_at > 0).sum())})
+        if cfg.keep_above_threshold:  # a label the model itself predicts is never flagged
+            keep_at = np.minimum(keep_at, thresholds)
+        info.update({"keep_quantile": cfg.keep_quantile, "keep_above_threshold": cfg.keep_above_threshold,
+                     "classes_with_keep_threshold": int((keep_at > 0).sum())})
     return add_at, keep_at, info
 
 
