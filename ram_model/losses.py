@@ -47,8 +47,9 @@ def asymmetric_loss(
             weight = torch.pow(1 - pt, gamma)
         loss = loss * weight
     loss = -loss  # [B, C]
-    keep = large_loss_mask(loss, targets, reject_negatives) if reject_negatives > 0 else None
-    if keep is not None:
+    keep = None
+    if reject_negatives > 0:
+        keep = large_loss_mask(loss, targets, reject_negatives)  # [B, C], 0 = left out
         loss = loss * keep
     if reduction == "sum":
         return loss.sum()
@@ -75,9 +76,8 @@ def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float) 
     k = int(fraction * int(negative.sum()))
     if k == 0:
         return keep
-    with torch.no_grad():
-        scores = loss.detach().masked_fill(~negative, float("-inf")).flatten()
-        keep.view(-1)[scores.topk(k).indices] = 0.0
+    scores = loss.detach().masked_fill(~negative, float("-inf")).flatten()  # [B*C], positives never picked
+    keep.view(-1)[scores.topk(k).indices] = 0.0
     return keep
 
 
