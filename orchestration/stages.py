@@ -310,10 +310,12 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
         metrics_bars(result.metrics, ["precision", "recall", "f1"], report_dir / "steps_vs_truth.png",
                      "engine labels vs truth, per step")
     plots = [str(p) for p in sorted(report_dir.glob("*.png"))]
+    from ram_model.train_stage import RESULT_FILE
+
     run_id = None  # the adapted engine model's MLflow run, when the engine fine-tuned one
     adapted = result.generation.get("adapted_model")
-    if adapted and (Path(adapted) / "train_result.json").exists():
-        run_id = json.loads((Path(adapted) / "train_result.json").read_text(encoding="utf-8")).get("mlflow_run_id")
+    if adapted and (Path(adapted) / RESULT_FILE).exists():
+        run_id = json.loads((Path(adapted) / RESULT_FILE).read_text(encoding="utf-8")).get("mlflow_run_id")
     return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots, run_id)
 
 

@@ -35,6 +35,7 @@ from ram_model.tracking import RunTracker, plot_loss_curves
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
+CONFIG_FILE = "train_config.json"  # the stage config as run (what a later fine-tune reuses)
 LOSS_PLOT = "loss_curve.png"
 
 __all__ = ["TrainResult", "TrainStageConfig", "launch_train_stage", "train_stage"]
@@ -293,11 +294,11 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
 def _log_artifacts(tracker: RunTracker, out_dir: Path, history, cfg: TrainStageConfig, names: list[str],
                    thresholds: list[float] | None, metrics: dict[str, Any], data_root: Path) -> None:
     plot = plot_loss_curves(history, out_dir / LOSS_PLOT) if history else None
-    (out_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1), encoding="utf-8")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=1), encoding="utf-8")
     (out_dir / "history.json").write_text(json.dumps(history), encoding="utf-8")
     if plot is not None:
         tracker.log_artifact(plot, "plots")
-    tracker.log_artifact(out_dir / "train_config.json", "config")
+    tracker.log_artifact(out_dir / CONFIG_FILE, "config")
     tracker.log_artifact(out_dir / "history.json", "history")
     lsd = label_system_dir(data_root)
     for f in sorted(lsd.glob("*")) if lsd.exists() else []:

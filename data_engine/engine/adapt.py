@@ -28,8 +28,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TRAIN_CONFIG_FILE = "train_config.json"
-
 
 def adapt_config(base: Mapping[str, Any], split: str, epochs: int, lr: float, holdout: float) -> dict[str, Any]:
     """The preliminary stage's training config, switched to a short fine-tune on ``split``.
@@ -50,13 +48,13 @@ def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: f
     for its MLflow run (the orchestrator nests it under the pipeline run, like every stage).
     """
     from data_engine.formats import labels_path
-    from ram_model.train_stage import train_stage
+    from ram_model.train_stage import CONFIG_FILE, train_stage
     from ram_model.trainer import TrainStageConfig
 
     tracking = dict(tracking or {})
     parent = tracking.pop("parent_run_id", None)
 
-    config_file = Path(model_dir) / TRAIN_CONFIG_FILE
+    config_file = Path(model_dir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} missing: adaptation reuses the preliminary model's recipe")
     base = json.loads(config_file.read_text(encoding="utf-8"))

@@ -194,9 +194,9 @@ def stream_labels(
     start = time.perf_counter()
     bar = tqdm(total=total if opts.max_images is None else min(total or opts.max_images, opts.max_images),
                desc="engine", unit="img", disable=None)
+    scored = opts.generation or opts.keep_thresholds is not None  # probabilities needed
     for batch in _batched(known(samples), opts.batch_size):
         x = to_tensor([s.image for s in batch], data_config).to(device)  # [B, 3, S, S]
-        scored = opts.generation or opts.keep_thresholds is not None
         probs = torch.sigmoid(model.tag_logits(x).float()).cpu().numpy() if scored else None  # [B, C]
         cap_ids = None
         if use_caption:
