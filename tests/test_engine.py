@@ -502,3 +502,48 @@ def test_variants_from_one_pass_match_separate_runs(tmp_path):
     assert together["cleaning_only"].added == 0 and together["generation_only"].removed == 0
     assert together["full"].added > together["no_captioning"].added     # the caption branch adds "green"
     assert calls_together < 2 * len(samples)   # one pass: tag_logits per batch + per crop chunk
+
+
+def test_recall_ceiling_finds_the_best_thresholds_and_bounds_them():
+    """Tag 0 ranks its missing positives first; tag 1 ranks a wrong pair above its two missing ones."""
+    from data_engine.engine.report import recall_ceiling
+
+    truth = np.array([[1, 1], [1, 0], [1, 1], [0, 1]], bool)          # [4 images, 2 tags]
+    base = np.array([[1, 1], [0, 0], [0, 0], [0, 0]], bool)           # captions name image 0's tags
+    probs = np.array([[0.9, 0.9], [0.8, 0.7], [0.6, 0.1], [0.2, 0.3]])
+    exact = recall_ceiling(probs, truth, base, precision=1.0)        # tag 1 can add nothing
+    assert exact["reached"] and exact["precision"] == 1.0
+    assert exact["labels"].tolist() == [[True, True], [True, False], [True, False], [False, False]]
+    assert exact["recall"] == pytest.approx(4 / 6) and exact["recall_upper_bound"] >= exact["recall"] - 1e-9
+    loose = recall_ceiling(probs, truth, base, precision=0.8)        # one wrong pair buys two right ones
+    assert loose["recall"] == 1.0 and loose["precision"] == pytest.approx(6 / 7)
+    assert loose["labels"][:, 1].all() and not loose["labels"][3, 0]
+    unreachable = recall_ceiling(probs, truth, ~truth, precision=0.9)  # 2 wrong base labels: P <= 6/8
+    assert not unreachable["reached"] and unreachable["precision"] == pytest.approx(0.75)
+    assert unreachable["recall_upper_bound"] < 1.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recall_ceiling_brackets_the_brute_force_best(seed):
+    """On random rankings the reachable recall is never above, and the bound never below, the
+    best choice of per-class prefixes found by trying them all."""
+    from itertools import product
+
+    from data_engine.engine.report import recall_ceiling
+
+    rng = np.random.default_rng(seed)
+    truth = rng.random((7, 3)) < 0.5
+    base = truth & (rng.random((7, 3)) < 0.4)
+    probs = rng.random((7, 3)) + 0.5 * truth                         # an informative tagger
+    res = recall_ceiling(probs, truth, base, precision=0.8)
+    order = np.argsort(-np.where(base, -np.inf, probs), axis=0, kind="stable")
+    best = 0.0
+    for ks in product(*[range(int((~base[:, j]).sum()) + 1) for j in range(3)]):
+        labels = base.copy()
+        for j, kj in enumerate(ks):
+            labels[order[:kj, j], j] = True
+        right, made = (labels & truth).sum(), labels.sum()
+        if made and right / made >= 0.8:
+            best = max(best, right / truth.sum())
+    assert res["reached"] and res["precision"] >= 0.8
+    assert res["recall"] <= best + 1e-9 <= res["recall_upper_bound"] + 2e-9

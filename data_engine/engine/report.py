@@ -174,3 +174,57 @@ def write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
     return path
+
+
+
+def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, precision: float = 0.95,
+                   steps: int = 400) -> dict:
+    """How much label recall per-class thresholds on a tagger can reach at ``precision``.
+
+    The labels are ``base`` plus, per class, the tagger's top-scored pairs that ``base`` lacks
+    down to a threshold; the thresholds are chosen on the truth itself, which no engine has, so
+    this bounds every generation rule that uses this tagger. ``probs``: ``[N, C]``
+    probabilities; ``truth``, ``base``: ``[N, C]`` bool (``base & truth`` models a perfect
+    cleaner of the base labels). Score only the classes the truth can contain.
+
+    Choosing one prefix per class to maximise the right labels ``T`` subject to
+    ``T >= precision * labels`` is a multiple-choice knapsack; its Lagrangian gives both sides.
+    For ``mu`` in ``[0, precision)`` each class takes the prefix maximising ``right - mu *
+    labels``: a choice that is checked for precision (a reachable recall), and
+    ``precision / (precision - mu) * sum(max(right - mu * labels))`` bounds ``T`` from above
+    for every feasible choice. Returns ``recall`` and ``precision`` of the best feasible choice
+    (``reached`` False: none was, the most precise is given), ``recall_upper_bound`` (the
+    smallest bound over ``steps`` values of ``mu``) and ``labels`` ``[N, C]`` bool of that choice.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    truth, base = np.asarray(truth) > 0, np.asarray(base) > 0
+    if not probs.shape == truth.shape == base.shape or probs.ndim != 2:
+        raise ValueError(f"probs {probs.shape}, truth {truth.shape}, base {base.shape} must be one [N, C]")
+    n, c = probs.shape
+    candidates = np.where(base, -np.inf, probs)                    # [N, C]: what the tagger may add
+    order = np.argsort(-candidates, axis=0, kind="stable")         # [N, C] best candidate first
+    hit = np.take_along_axis(truth & ~base, order, axis=0)         # [N, C]
+    size = (~base).sum(0)                                          # [C] candidates per class
+    k = np.arange(n + 1)[:, None]                                  # [N+1, 1] prefix lengths
+    right = (base & truth).sum(0) + np.vstack([np.zeros((1, c)), np.cumsum(hit, 0)])  # [N+1, C]
+    made = base.sum(0) + np.broadcast_to(k, (n + 1, c)).astype(np.float64)                  # [N+1, C]
+    valid = k <= size[None, :]                                      # [N+1, C] prefixes that exist
+    total = max(int(truth.sum()), 1)
+    cols = np.arange(c)
+    best, bound = None, np.inf
+    for mu in np.linspace(0.0, precision, steps, endpoint=False):
+        gain = np.where(valid, right - mu * made, -np.inf)         # [N+1, C]
+        top = gain.max(0)                                           # [C]
+        bound = min(bound, precision / (precision - mu) * top.sum())
+        pick = n - np.argmax(gain[::-1] == top, axis=0)             # [C] the longest best prefix
+        t, m = right[pick, cols].sum(), made[pick, cols].sum()
+        row = {"precision": t / max(m, 1), "recall": t / total, "mu": float(mu), "pick": pick}
+        feasible = row["precision"] >= precision
+        if best is None or (feasible, row["recall"] if feasible else row["precision"]) > \
+                (best["reached"], best["recall"] if best["reached"] else best["precision"]):
+            best = {**row, "reached": feasible}
+    pick = best.pop("pick")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(n)[:, None].repeat(c, 1), axis=0)  # [N, C] rank of each pair
+    labels = base | ((ranks < pick[None, :]) & ~base)
+    return {**best, "recall_upper_bound": min(bound / total, 1.0), "labels": labels}
