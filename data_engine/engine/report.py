@@ -194,7 +194,9 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
     ``precision / (precision - mu) * sum(max(right - mu * labels))`` bounds ``T`` from above
     for every feasible choice. Returns ``recall`` and ``precision`` of the best feasible choice
     (``reached`` False: none was, the most precise is given), ``recall_upper_bound`` (the
-    smallest bound over ``steps`` values of ``mu``) and ``labels`` ``[N, C]`` bool of that choice.
+    smallest bound over ``steps`` values of ``mu``; below the recall of ``base`` alone it proves
+    that no choice reaches ``precision``)
+    and ``labels`` ``[N, C]`` bool of that choice.
     """
     probs = np.asarray(probs, dtype=np.float64)
     truth, base = np.asarray(truth) > 0, np.asarray(base) > 0
@@ -227,4 +229,4 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(n)[:, None].repeat(c, 1), axis=0)  # [N, C] rank of each pair
     labels = base | ((ranks < pick[None, :]) & ~base)
-    return {**best, "recall_upper_bound": min(bound / total, 1.0), "labels": labels}
+    return {**best, "recall_upper_bound": float(np.clip(bound / total, 0.0, 1.0)), "labels": labels}
