@@ -131,14 +131,17 @@ def ceiling_rows(name: str, probs: np.ndarray, truth: np.ndarray, captions: np.n
     return rows
 
 
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def write_table(rows: list[dict], base: dict, out_dir: Path, precision: float) -> Path:
     cols = ["tagger", "base", "test_mAP", "reached", "precision", "recall", "recall_upper_bound",
             *(f"recall_{c}" for c in CATEGORIES)]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"Target precision {precision}. Test caption labels alone: precision {base['precision']:.4f}, "
              f"recall {base['recall']:.4f} ({base['images']} images, {base['classes']} tags).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     md = out_dir / "label_ceiling.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out_dir / "label_ceiling.json").write_text(json.dumps({"captions": base, "rows": rows}, indent=2), encoding="utf-8")

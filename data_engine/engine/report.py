@@ -176,7 +176,6 @@ def write_json(path: Path, data) -> Path:
     return path
 
 
-
 def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, precision: float = 0.95,
                    steps: int = 400) -> dict:
     """How much label recall per-class thresholds on a tagger can reach at ``precision``.
@@ -192,11 +191,12 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
     For ``mu`` in ``[0, precision)`` each class takes the prefix maximising ``right - mu *
     labels``: a choice that is checked for precision (a reachable recall), and
     ``precision / (precision - mu) * sum(max(right - mu * labels))`` bounds ``T`` from above
-    for every feasible choice. Returns ``recall`` and ``precision`` of the best feasible choice
-    (``reached`` False: none was, the most precise is given), ``recall_upper_bound`` (the
-    smallest bound over ``steps`` values of ``mu``; below the recall of ``base`` alone it proves
-    that no choice reaches ``precision``)
-    and ``labels`` ``[N, C]`` bool of that choice.
+    for every feasible choice.
+
+    Returns ``recall``, ``precision`` and ``mu`` of the best feasible choice (``reached`` False:
+    none was, and the most precise one is given), its ``labels`` ``[N, C]`` bool, and
+    ``recall_upper_bound``, the smallest bound over ``steps`` values of ``mu``. A bound below
+    the recall of ``base`` alone proves that no choice reaches ``precision``.
     """
     probs = np.asarray(probs, dtype=np.float64)
     truth, base = np.asarray(truth) > 0, np.asarray(base) > 0
@@ -209,8 +209,8 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
     size = (~base).sum(0)                                          # [C] candidates per class
     k = np.arange(n + 1)[:, None]                                  # [N+1, 1] prefix lengths
     right = (base & truth).sum(0) + np.vstack([np.zeros((1, c)), np.cumsum(hit, 0)])  # [N+1, C]
-    made = base.sum(0) + np.broadcast_to(k, (n + 1, c)).astype(np.float64)                  # [N+1, C]
-    valid = k <= size[None, :]                                      # [N+1, C] prefixes that exist
+    made = base.sum(0) + np.broadcast_to(k, (n + 1, c)).astype(np.float64)  # [N+1, C] labels
+    valid = k <= size[None, :]  # [N+1, C] prefixes that exist
     total = max(int(truth.sum()), 1)
     cols = np.arange(c)
     best, bound = None, np.inf
@@ -220,7 +220,7 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
         bound = min(bound, precision / (precision - mu) * top.sum())
         pick = n - np.argmax(gain[::-1] == top, axis=0)             # [C] the longest best prefix
         t, m = right[pick, cols].sum(), made[pick, cols].sum()
-        row = {"precision": t / max(m, 1), "recall": t / total, "mu": float(mu), "pick": pick}
+        row = {"precision": float(t / max(m, 1)), "recall": float(t / total), "mu": float(mu), "pick": pick}
         feasible = row["precision"] >= precision
         if best is None or (feasible, row["recall"] if feasible else row["precision"]) > \
                 (best["reached"], best["recall"] if best["reached"] else best["precision"]):
