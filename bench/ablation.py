@@ -81,7 +81,7 @@ RETRAINED = {  # retrained model -> (engine variant of its labels, extra trainin
 }
 
 
-def _overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     out, root = args.out_dir, args.root
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    train_o, ft_o = _overrides(args.train_set), _overrides(args.finetune_set)
+    train_o, ft_o = parse_overrides(args.train_set), parse_overrides(args.finetune_set)
     models: dict[str, Path] = {}
     train_s: dict[str, float] = {}
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 None)
     models["preliminary"] = prelim
 
-    base = stage_config(EngineConfig, "engine", args.params, **_overrides(args.engine_set))
+    base = stage_config(EngineConfig, "engine", args.params, **parse_overrides(args.engine_set))
     variants = {name: base.model_copy(update=upd) for name, upd in VARIANTS.items()}
     engine = run_engine_variants(
         prelim, root, "pretrain", formats.labels_path(root, "pretrain"), formats.label_system_dir(root), variants,

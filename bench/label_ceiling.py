@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ablation import parse_overrides  # noqa: E402  (bench/ is on sys.path: this runs as a script)
 from data_engine import formats  # noqa: E402
 from data_engine.engine.report import load_truth, recall_ceiling, truth_ids  # noqa: E402
 from data_engine.label_system import LabelSystem  # noqa: E402
@@ -49,27 +50,14 @@ log = logging.getLogger("label_ceiling")
 CATEGORIES = ("object", "attribute", "scene")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"override {pair!r} is not key=value")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def write_truth_labels(root: Path, ls: LabelSystem, out_path: Path) -> dict[str, int]:
+def write_truth_labels(root: Path, truth: dict[str, set[int]], out_path: Path) -> dict[str, int]:
     """``labels/pretrain.parquet`` with ``union_label_ids`` set to each image's true tags.
 
     The trainer tags on ``union_label_ids`` and captions on ``parse_label_ids``, so the
-    caption branch keeps learning from the captions. Returns counts (images written, images
-    without truth, truth names the label system lacks).
+    caption branch keeps learning from the captions. ``truth``: key -> true tag ids. Returns
+    counts (images written, images without truth).
     """
     table = pq.read_table(formats.labels_path(root, "pretrain"), columns=["key", "parse_label_ids"]).to_pydict()
-    truth, oov = truth_ids(load_truth(formats.list_shards(root, "pretrain")), ls.id_of)
     keep = [i for i, k in enumerate(table["key"]) if k in truth]
     out = pa.table({
         "key": [table["key"][i] for i in keep],
@@ -78,7 +66,7 @@ def write_truth_labels(root: Path, ls: LabelSystem, out_path: Path) -> dict[str,
     })
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(out, out_path)
-    return {"images": len(keep), "without_truth": len(table["key"]) - len(keep), "truth_names_unknown": oov}
+    return {"images": len(keep), "without_truth": len(table["key"]) - len(keep)}
 
 
 def train_truth_tagger(root: Path, params: str | None, overrides: dict, out_dir: Path, labels: Path) -> Path:
@@ -163,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     ls = LabelSystem.load(formats.label_system_dir(root))
+    pretrain_truth, oov = truth_ids(load_truth(formats.list_shards(root, "pretrain")), ls.id_of)
+    log.info("pretrain truth: %d images, %d truth names the label system lacks", len(pretrain_truth), oov)
 
     taggers = {"engine_model": formats.engine_labels_path(root, "pretrain").parent / "engine_model",
                "preliminary": formats.model_dir(root, "preliminary_model")}
@@ -172,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         taggers["truth_trained"] = args.truth_trained
     else:
         labels = out / "truth_labels" / "pretrain.parquet"
-        log.info("truth labels: %s", write_truth_labels(root, ls, labels))
-        taggers["truth_trained"] = train_truth_tagger(root, args.params, _overrides(args.train_set),
+        log.info("truth labels: %s", write_truth_labels(root, pretrain_truth, labels))
+        taggers["truth_trained"] = train_truth_tagger(root, args.params, parse_overrides(args.train_set),
                                                       out / "models" / "truth_trained", labels)
 
     # The scored tags: those the pretrain truth contains (test also holds the open-set classes).
-    vocab = sorted(set().union(*truth_ids(load_truth(formats.list_shards(root, "pretrain")), ls.id_of)[0].values()))
+    vocab = sorted(set().union(*pretrain_truth.values()))
     test_truth, _ = truth_ids(load_truth(formats.list_shards(root, "test")), ls.id_of)
     captions = dict(zip(*pq.read_table(formats.labels_path(root, "test"),
                                        columns=["key", "parse_label_ids"]).to_pydict().values()))
