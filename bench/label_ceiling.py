@@ -182,17 +182,19 @@ def main(argv: list[str] | None = None) -> int:
                     m[i, col[t]] = True
         return m
 
-    rows, base = [], None
+    keys = sorted(test_truth)  # every tagger's scores are put in this order
+    truth, capt = matrix(keys, test_truth), matrix(keys, captions)  # [N, V] each
+    right = int((capt & truth).sum())
+    base = {"precision": right / max(int(capt.sum()), 1), "recall": right / max(int(truth.sum()), 1),
+            "images": len(keys), "classes": len(vocab)}
+    rows = []
     for name, path in taggers.items():
-        keys, probs = score_split(path, root, "test")
-        keys_ok = [i for i, k in enumerate(keys) if k in test_truth]
-        keys = [keys[i] for i in keys_ok]
-        probs = probs[keys_ok][:, vocab]  # [N, V]
-        truth, capt = matrix(keys, test_truth), matrix(keys, captions)
-        if base is None:
-            right = int((capt & truth).sum())
-            base = {"precision": right / max(int(capt.sum()), 1), "recall": right / max(int(truth.sum()), 1),
-                    "images": len(keys), "classes": len(vocab)}
+        scored, probs = score_split(path, root, "test")
+        index = {k: i for i, k in enumerate(scored)}
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise ValueError(f"{name}: {len(missing)} test images with truth were not scored, e.g. {missing[:3]}")
+        probs = probs[[index[k] for k in keys]][:, vocab]  # [N, V]
         rows += ceiling_rows(name, probs, truth, capt, categories, args.precision)
         log.info("%s: %s", name, rows[-2:])
     md = write_table(rows, base, out, args.precision)

@@ -209,7 +209,7 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
     size = (~base).sum(0)                                          # [C] candidates per class
     k = np.arange(n + 1)[:, None]                                  # [N+1, 1] prefix lengths
     right = (base & truth).sum(0) + np.vstack([np.zeros((1, c)), np.cumsum(hit, 0)])  # [N+1, C]
-    made = base.sum(0) + np.broadcast_to(k, (n + 1, c)).astype(np.float64)  # [N+1, C] labels
+    made = (base.sum(0) + k).astype(np.float64)  # [N+1, C] labels
     valid = k <= size[None, :]  # [N+1, C] prefixes that exist
     total = max(int(truth.sum()), 1)
     cols = np.arange(c)
@@ -226,7 +226,7 @@ def recall_ceiling(probs: np.ndarray, truth: np.ndarray, base: np.ndarray, preci
                 (best["reached"], best["recall"] if best["reached"] else best["precision"]):
             best = {**row, "reached": feasible}
     pick = best.pop("pick")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(n)[:, None].repeat(c, 1), axis=0)  # [N, C] rank of each pair
-    labels = base | ((ranks < pick[None, :]) & ~base)
+    added = np.zeros_like(base)
+    np.put_along_axis(added, order, k[:n] < pick[None, :], axis=0)  # [N, C] each class's first pick[c] ranks
+    labels = base | added
     return {**best, "recall_upper_bound": float(np.clip(bound / total, 0.0, 1.0)), "labels": labels}
