@@ -275,7 +275,8 @@ class RamModel(nn.Module):
             mask = batch.get("caption_mask")
             mask = (ids != self.tokenizer.pad_id).long() if mask is None else mask
             cond = batch.get("parse_targets")
-            memory, mem_mask = self._condition(tokens, targets if cond is None else cond)
+            caption_tokens = tokens if c.caption_encoder_grad else tokens.detach()  # [B, N, image_dim]
+            memory, mem_mask = self._condition(caption_tokens, targets if cond is None else cond)
             lm_logits = self.text_decoder(ids[:, :-1], memory, mem_mask, mask[:, :-1])  # [B, L-1, V]
             loss_caption = out["loss_caption"] = caption_lm_loss(lm_logits, ids[:, 1:], mask[:, 1:])
         if self.distill_proj is not None:

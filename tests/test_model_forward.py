@@ -232,3 +232,14 @@ def test_parse_targets_condition_the_captioner():
     a = model(batch)["loss_caption"]
     b = model({**batch, "parse_targets": torch.zeros(2, len(TAGS))})["loss_caption"]
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("encoder_grad", [True, False])
+def test_caption_encoder_grad_decides_whether_the_caption_loss_moves_the_encoder(encoder_grad):
+    model = tiny_model(caption_encoder_grad=encoder_grad).train()
+    model({**_batch(model, 2, len(TAGS))})["loss_caption"].backward()
+    encoder = [p.grad for p in model.visual_encoder.parameters() if p.requires_grad]
+    reached = any(g is not None and g.abs().sum() > 0 for g in encoder)
+    assert reached == encoder_grad
+    # the generation branch itself learns either way
+    assert model.text_decoder.word_embeddings.weight.grad.abs().sum() > 0
