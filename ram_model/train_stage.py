@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from ram_model.data import (
     AugmentConfig, TrainLoader, index_shards, is_validation_key, iter_eval_batches, load_label_table, multi_hot,
 )
 from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
-from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, seed_everything
+from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, run_fingerprint, seed_everything
 from ram_model.tracking import RunTracker, plot_loss_curves
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,16 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank,
         world_size=dist.world_size, validation_fraction=cfg.validation_fraction,
     )
+    fingerprint = run_fingerprint(cfg, [*label_files, *([init] if init else [])], tags=list(names),
+                                  world_size=dist.world_size)
     resumed = latest_checkpoint(out_dir) if cfg.resume else None
+    if resumed is not None and resumed[1].get("fingerprint") != fingerprint:
+        # every rank decides alike; only the main process deletes
+        log.warning("%s holds checkpoints of another run (settings, labels or initial weights differ): "
+                    "training from the start", out_dir / "checkpoints")
+        if dist.is_main:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        resumed = None
     tracker = RunTracker(data_root, out_dir.name, uri=cfg.tracking_uri, experiment=cfg.experiment,
                          parent_run_id=parent_run_id, rank=dist.rank,
                          run_id=resumed[1].get("mlflow_run_id") or None if resumed else None,
@@ -257,6 +267,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
     if resumed:
         trainer.resume()
         trainer.state.mlflow_run_id = tracker.run_id or trainer.state.mlflow_run_id
+    trainer.state.fingerprint = fingerprint
     tracker.log_params({"stage": cfg.model_dump(mode="json"), "world_size": dist.world_size,
                         "grad_accum_steps": trainer.accum, "total_steps": trainer.total_steps,
                         "label_source": loader.labels.source_column, "num_classes": len(names),

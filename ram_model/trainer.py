@@ -4,16 +4,20 @@
 :class:`~ram_model.data.TrainLoader`: one optimizer step = ``batch_size`` samples =
 ``micro_batch_size x grad_accum x world_size``. It checkpoints every ``checkpoint_every``
 steps (engine state + loop position + every RNG) and resumes from the latest checkpoint so a
-killed run continues with the same batches and the same losses.
+killed run continues with the same batches and the same losses. Each checkpoint carries the
+run's fingerprint (:func:`run_fingerprint`): one written by a run with other settings, labels
+or initial weights is never resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,13 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 TRAINER_STATE = "trainer_state.json"
+# Settings that change how a run is logged, checkpointed or scored, not what it trains: a killed
+# run may resume with other values. ``init_from`` is covered by hashing the weights themselves.
+BOOKKEEPING_FIELDS = frozenset({
+    "checkpoint_every", "keep_checkpoints", "log_every", "resume", "num_workers", "init_from",
+    "calibration_min_positives", "eval_split", "eval_batch_size", "eval_max_samples", "experiment",
+    "tracking_uri",
+})
 
 
 class TrainStageConfig(BaseModel):
@@ -89,6 +100,7 @@ class TrainState:
     samples: int = 0              # global samples consumed
     train_seconds: float = 0.0
     mlflow_run_id: str = ""
+    fingerprint: str = ""         # run_fingerprint() of the run that wrote it ("" before fingerprints)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -132,12 +144,36 @@ def grad_accum_steps(cfg: TrainStageConfig, world_size: int) -> int:
 
 
 def latest_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """``(checkpoint dir, its trainer state)`` of the last complete checkpoint, or None."""
+    """``(checkpoint dir, its trainer state)`` of the last complete checkpoint, or None (also when
+    the main process is deleting stale checkpoints while another rank looks)."""
     pointer = out_dir / "checkpoints" / LATEST
-    if not pointer.exists():
+    try:
+        ckpt = out_dir / "checkpoints" / json.loads(pointer.read_text())["dir"]
+        return ckpt, json.loads((ckpt / TRAINER_STATE).read_text())
+    except FileNotFoundError:
         return None
-    ckpt = out_dir / "checkpoints" / json.loads(pointer.read_text())["dir"]
-    return ckpt, json.loads((ckpt / TRAINER_STATE).read_text())
+
+
+def run_fingerprint(cfg: TrainStageConfig, inputs: Sequence[Path], **context: Any) -> str:
+    """Short sha256 of what decides a run's trajectory, so a checkpoint resumes only its own run.
+
+    It covers ``cfg`` without :data:`BOOKKEEPING_FIELDS`, the bytes of every file in ``inputs``
+    (label tables, the initial model's folder or file; sub-folders such as its checkpoints are
+    skipped) and ``context`` (e.g. the tag names and the world size). Without it a stage re-run
+    after a change of ``params.yaml`` or of its input labels would continue, or simply return,
+    the finished checkpoint of the previous run.
+    """
+    h = hashlib.sha256()
+    spec = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in BOOKKEEPING_FIELDS}
+    h.update(json.dumps({"cfg": spec, "context": context}, sort_keys=True, default=str).encode())
+    for path in map(Path, inputs):
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 class Trainer:

@@ -132,3 +132,42 @@ def test_engine_adaptation_fine_tunes_through_the_trainer(root, tmp_path, monkey
     assert saved["splits"] == ["finetune"] and saved["validation_fraction"] == 0.5 and saved["max_steps"] is None
     before, after = load_model(prelim).state_dict(), load_model(adapted).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_a_stage_resumes_only_its_own_run(root, tmp_path, monkeypatch):
+    """Same settings and labels: the finished checkpoint is resumed. Other settings or other labels:
+    the stale checkpoints are deleted and the stage trains from step 0 in a new MLflow run."""
+    import json
+
+    from ram_model.trainer import latest_checkpoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data_root = tmp_path / "dr"
+    data_root.symlink_to(root, target_is_directory=True)
+    out = tmp_path / "models" / "stage"
+    labels = labels_path(root, "pretrain")
+
+    def run(cfg, label_file=labels):
+        result = train_stage(cfg, data_root, out, label_file, None, None, evaluate_after=False)
+        state = latest_checkpoint(out)[1]
+        steps = sorted(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*"))
+        return result.mlflow_run_id, state["fingerprint"], steps
+
+    first_run, first_fp, _ = run(_cfg(max_steps=4, checkpoint_every=3))
+    assert len(first_fp) == 16
+    # checkpointing / logging settings are bookkeeping: the finished run is resumed
+    assert run(_cfg(max_steps=4, checkpoint_every=2, log_every=1))[:2] == (first_run, first_fp)
+    # another learning rate is another run; a checkpoint of step 4 must not survive beside step 3
+    lr_run, lr_fp, steps = run(_cfg(max_steps=4, checkpoint_every=3, lr=5e-3))
+    assert lr_run != first_run and lr_fp != first_fp and steps == [3, 4]
+    # the same settings on other labels (one image relabelled) are another run as well
+    import pandas as pd
+
+    table = pd.read_parquet(labels)
+    table.at[0, "parse_label_ids"] = [5]
+    other = tmp_path / "other_labels.parquet"
+    table.to_parquet(other)
+    other_run, other_fp, _ = run(_cfg(max_steps=4, checkpoint_every=3, lr=5e-3), other)
+    assert other_run != lr_run and other_fp not in (first_fp, lr_fp)
+    history = json.loads((latest_checkpoint(out)[0] / "trainer_state.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
