@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from _train_helpers import make_split, write_label_system
 from data_engine.formats import labels_path
 from ram_model.tracking import start_pipeline_run, tracking_uri
 from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage
+from ram_model.trainer import latest_checkpoint
 
 HELPERS = str(Path(__file__).parent)
 
@@ -137,10 +140,6 @@ def test_engine_adaptation_fine_tunes_through_the_trainer(root, tmp_path, monkey
 def test_a_stage_resumes_only_its_own_run(root, tmp_path, monkeypatch):
     """Same settings and labels: the finished checkpoint is resumed. Other settings or other labels:
     the stale checkpoints are deleted and the stage trains from step 0 in a new MLflow run."""
-    import json
-
-    from ram_model.trainer import latest_checkpoint
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data_root = tmp_path / "dr"
     data_root.symlink_to(root, target_is_directory=True)
@@ -161,8 +160,6 @@ def test_a_stage_resumes_only_its_own_run(root, tmp_path, monkeypatch):
     lr_run, lr_fp, steps = run(_cfg(max_steps=4, checkpoint_every=3, lr=5e-3))
     assert lr_run != first_run and lr_fp != first_fp and steps == [3, 4]
     # the same settings on other labels (one image relabelled) are another run as well
-    import pandas as pd
-
     table = pd.read_parquet(labels)
     table.at[0, "parse_label_ids"] = [5]
     other = tmp_path / "other_labels.parquet"
