@@ -249,8 +249,8 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank,
         world_size=dist.world_size, validation_fraction=cfg.validation_fraction,
     )
-    fingerprint = run_fingerprint(cfg, [*label_files, *([init] if init else [])], tags=list(names),
-                                  world_size=dist.world_size)
+    inputs = [*label_files, *([init] if init else [])]
+    fingerprint = run_fingerprint(cfg, inputs, tags=names, world_size=dist.world_size)
     resumed = latest_checkpoint(out_dir) if cfg.resume else None
     if resumed is not None and resumed[1].get("fingerprint") != fingerprint:
         # every rank decides alike; only the main process deletes

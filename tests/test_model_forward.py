@@ -237,7 +237,7 @@ def test_parse_targets_condition_the_captioner():
 @pytest.mark.parametrize("encoder_grad", [True, False])
 def test_caption_encoder_grad_decides_whether_the_caption_loss_moves_the_encoder(encoder_grad):
     model = tiny_model(caption_encoder_grad=encoder_grad).train()
-    model({**_batch(model, 2, len(TAGS))})["loss_caption"].backward()
+    model(_batch(model, 2, len(TAGS)))["loss_caption"].backward()
     encoder = [p.grad for p in model.visual_encoder.parameters() if p.requires_grad]
     reached = any(g is not None and g.abs().sum() > 0 for g in encoder)
     assert reached == encoder_grad
