@@ -20,6 +20,9 @@ not observed:
   the loader polls first is the one whose batch comes next: the remaining order is the
   same as the uninterrupted run's. Augmentation draws from ``Random(f"{seed}-{epoch}-{key}")``,
   so a sample is augmented the same way wherever it is decoded.
+* a shard may be listed more than once (a small clean split mixed into a noisy one, repeated
+  to weigh more): each listing is read once per epoch, and its samples are flagged
+  ``complete_labels`` when their keys are in ``complete_keys``.
 
 A map-style dataset over random-access tar members would also do, but keeps every shard open
 in every worker and does not stream from remote storage; the computed-order stream does both.
@@ -209,6 +212,8 @@ class StreamSettings:
     aug: AugmentConfig
     labels: LabelTable
     exclude_validation: float = 0.0
+    reserved: frozenset[str] = frozenset()   # keys never read (see TrainLoader.reserved_keys)
+    complete: frozenset[str] = frozenset()   # keys whose labels are complete
 
 
 class ShardStream(IterableDataset):
@@ -236,7 +241,7 @@ class ShardStream(IterableDataset):
         labels, frac = self.s.labels, self.s.exclude_validation
         for group in ds:
             key = group["__key__"]
-            if "jpg" not in group or key not in labels or is_validation_key(key, frac):
+            if "jpg" not in group or key not in labels or key in self.s.reserved or is_validation_key(key, frac):
                 continue  # counted up front by TrainLoader.counts
             yield group
 
@@ -275,6 +280,7 @@ class ShardStream(IterableDataset):
             "image": torch.stack(images),                 # [B,3,S,S]
             "tag_targets": multi_hot(tags, c),            # [B,C]
             "parse_targets": multi_hot(parsed, c),        # [B,C]
+            "complete_labels": torch.tensor([k in self.s.complete for k in keys], dtype=torch.bool),  # [B]
             "captions": captions, "keys": keys,
         }
 
@@ -300,7 +306,15 @@ def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iter
 
 @dataclass
 class TrainLoader:
-    """Deterministic, resumable micro-batch stream for one rank (see the module docstring)."""
+    """Deterministic, resumable micro-batch stream for one rank (see the module docstring).
+
+    ``shards`` may repeat a shard (read once per listing and epoch). ``reserved_keys`` are
+    never trained or validated on (the engine calibrates on them); ``complete_keys`` have
+    complete labels (their negatives are never rejected as missing tags). In ``counts``,
+    ``train_samples`` are the samples of one epoch, a repeated shard's once per listing, so
+    ``images = skipped_empty_labels + skipped_no_labels + reserved + held_out_validation
+    + train_samples - repeated_samples``.
+    """
 
     shards: list[ShardInfo]
     labels: LabelTable
@@ -312,6 +326,8 @@ class TrainLoader:
     rank: int = 0
     world_size: int = 1
     validation_fraction: float = 0.0
+    reserved_keys: frozenset[str] = frozenset()
+    complete_keys: frozenset[str] = frozenset()
     counts: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -320,22 +336,46 @@ class TrainLoader:
         self.counts = Counter()
         self._usable: dict[str, int] = {}
         for shard in self.shards:
+            if shard.path in self._usable:  # a repeated listing: same samples once more
+                self.counts["repeated_samples"] += self._usable[shard.path]
+                self.counts["train_samples"] += self._usable[shard.path]
+                continue
             n = 0
             for key in shard.keys:
                 if key in self.labels.empty:
                     self.counts["skipped_empty_labels"] += 1
                 elif key not in self.labels:
                     self.counts["skipped_no_labels"] += 1
+                elif key in self.reserved_keys:
+                    self.counts["reserved"] += 1
                 elif is_validation_key(key, self.validation_fraction):
                     self.counts["held_out_validation"] += 1
                 else:
                     n += 1
+                    if key in self.complete_keys:
+                        self.counts["complete_labels"] += 1
             self._usable[shard.path] = n
             self.counts["train_samples"] += n
-        self.counts["images"] = sum(len(s.keys) for s in self.shards)
+        self.counts["images"] = sum(len(s.keys) for s in self.unique_shards())
         self.n_roles = max(1, min(self.num_workers, len(self.shards) // self.world_size))
         if self.counts["train_samples"] == 0:
             raise ValueError("no labelled training samples: check that the label files match the shards")
+
+    def unique_shards(self) -> list[ShardInfo]:
+        """The shards without repeats, in first-listed order."""
+        first: dict[str, ShardInfo] = {}
+        for shard in self.shards:
+            first.setdefault(shard.path, shard)
+        return list(first.values())
+
+    def trainable(self, key: str) -> bool:
+        """True for a labelled key this loader trains on (not reserved, not held out for validation)."""
+        return key in self.labels and key not in self.reserved_keys and not is_validation_key(key, self.validation_fraction)
+
+    def validation_keys(self) -> set[str]:
+        """Labelled keys held out for threshold calibration (never reserved ones)."""
+        return {k for s in self.unique_shards() for k in s.keys
+                if k in self.labels and k not in self.reserved_keys and is_validation_key(k, self.validation_fraction)}
 
     def _rank_roles(self, epoch: int, rank: int) -> tuple[list[list[str]], list[int]]:
         paths = [s.path for s in self.shards]
@@ -363,7 +403,8 @@ class TrainLoader:
         """Micro-batches ``skip..steps-1`` of ``epoch`` (for a resume, ``skip`` = batches done)."""
         plan = self.plan(epoch, skip)
         settings = StreamSettings(self.seed, self.rank, self.micro_batch_size, self.shuffle_buffer,
-                                  self.aug, self.labels, self.validation_fraction)
+                                  self.aug, self.labels, self.validation_fraction, self.reserved_keys,
+                                  self.complete_keys)
         stream = ShardStream(plan, settings)
         if self.num_workers == 0:
             return iter(stream)

@@ -24,6 +24,7 @@ def asymmetric_loss(
     reduction: str = "batchmean",
     focal_grad: bool = False,
     reject_negatives: float = 0.0,
+    complete_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Asymmetric loss (Ridnik et al. 2021) for multi-label logits ``[B, C]``.
 
@@ -31,7 +32,8 @@ def asymmetric_loss(
     ``L = -y (1-p)^g+ log(p) - (1-y) p_m^g- log(1 - p_m)`` with logs clamped at ``eps``.
     The focusing weight is computed without gradient unless ``focal_grad`` (as RAM does).
     ``reject_negatives``: fraction of the batch's negative entries with the largest loss that
-    are left out (see :func:`large_loss_mask`). ``reduction``: ``"sum"`` (RAM), ``"batchmean"``
+    are left out (see :func:`large_loss_mask`); ``complete_rows`` ``[B]`` bool marks images whose
+    labels are complete, whose negatives are never left out. ``reduction``: ``"sum"`` (RAM), ``"batchmean"``
     (sum over tags / B) or ``"mean"`` (over the entries kept).
     """
     targets = targets.to(logits.dtype)
@@ -49,7 +51,7 @@ def asymmetric_loss(
     loss = -loss  # [B, C]
     keep = None
     if reject_negatives > 0:
-        keep = large_loss_mask(loss, targets, reject_negatives)  # [B, C], 0 = left out
+        keep = large_loss_mask(loss, targets, reject_negatives, complete_rows)  # [B, C], 0 = left out
         loss = loss * keep
     if reduction == "sum":
         return loss.sum()
@@ -60,19 +62,24 @@ def asymmetric_loss(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float) -> torch.Tensor:
+def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float,
+                    complete_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]`` mask (1 = keep) that drops the ``fraction`` of negative entries with the largest loss.
 
     Captions leave tags out, so a parsed label set is missing positives, and training on it
     pushes present tags down. Once the model has learnt the typical images, the negatives it
     is most sure are present (the largest negative losses) are mostly such missing positives:
     rejecting them each batch is "LL-R" of Kim et al., "Large Loss Matters in Weakly Supervised
-    Multi-Label Classification" (CVPR 2022). Positives are always kept.
+    Multi-Label Classification" (CVPR 2022). Positives are always kept, and so are the negatives
+    of ``complete_rows`` (``[B]`` bool: images with complete labels, e.g. the clean split mixed
+    into training); ``fraction`` is then a fraction of the other rows' negatives.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"reject fraction must be in [0, 1), got {fraction}")
     keep = torch.ones_like(loss)
-    negative = targets <= 0
+    negative = targets <= 0  # [B, C]
+    if complete_rows is not None:
+        negative = negative & ~complete_rows.to(torch.bool)[:, None]
     k = int(fraction * int(negative.sum()))
     if k == 0:
         return keep

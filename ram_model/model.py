@@ -257,7 +257,8 @@ class RamModel(nn.Module):
         current tag set; optional ``caption_ids``/``caption_mask [B, L]`` (caption loss, when the
         branch is enabled), ``parse_targets [B, C]`` (tags conditioning the captioner, default
         ``tag_targets``), ``teacher_embedding [B, Dt]`` (else the configured teacher computes it),
-        ``reject_negatives`` (float: fraction of negative labels with the largest tag loss left out).
+        ``reject_negatives`` (float: fraction of negative labels with the largest tag loss left out),
+        ``complete_labels [B]`` (bool: rows whose labels are complete, never left out).
         Returns scalar ``loss`` plus ``loss_tag`` / ``loss_caption`` / ``loss_distill`` when computed.
         """
         c = self.config
@@ -268,7 +269,8 @@ class RamModel(nn.Module):
         logits, _ = self._decode_tags(tokens)
         reject = float(batch.get("reject_negatives", 0.0))
         out = {"loss_tag": asymmetric_loss(logits, targets, c.gamma_neg, c.gamma_pos, c.asl_clip, c.asl_eps,
-                                           c.asl_reduction, reject_negatives=reject)}
+                                           c.asl_reduction, reject_negatives=reject,
+                                           complete_rows=batch.get("complete_labels"))}
         loss_caption = loss_distill = None
         if c.caption and batch.get("caption_ids") is not None:
             ids = batch["caption_ids"]

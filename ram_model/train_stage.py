@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine.formats import label_system_dir, list_shards
+from data_engine.formats import label_system_dir, labels_path, list_shards
 from ram_model.data import (
     AugmentConfig, TrainLoader, index_shards, is_validation_key, iter_eval_batches, load_label_table, multi_hot,
 )
@@ -107,7 +107,8 @@ def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | 
             return tokenizer_from_state(state)
     from data_engine.shards import iter_samples
 
-    shards = [p for split in cfg.splits for p in list_shards(data_root, split)]
+    splits = cfg.splits + ([cfg.clean_mix.split] if cfg.clean_mix else [])
+    shards = [p for split in splits for p in list_shards(data_root, split)]
     captions = [s.caption for s in iter_samples(shards, decode=False) if s.caption]
     tok = WordTokenizer(config.word_vocab_size).fit(captions)
     log.info("caption vocabulary fitted on %d captions: %d words (capacity %d)",
@@ -191,13 +192,12 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
     from ram_model import evaluate
 
     device = next(model.parameters()).device
-    val_keys = {k for s in loader.shards for k in s.keys
-                if k in loader.labels and is_validation_key(k, loader.validation_fraction)}
+    val_keys = loader.validation_keys()
     thresholds, metrics = None, {}
     if val_keys:
         scores, keys = [], []
         with torch.no_grad():
-            for batch in iter_eval_batches(loader.shards, val_keys, loader.aug, cfg.eval_batch_size):
+            for batch in iter_eval_batches(loader.unique_shards(), val_keys, loader.aug, cfg.eval_batch_size):
                 scores.append(torch.sigmoid(model.tag_logits(batch["image"].to(device))).float().cpu().numpy())
                 keys.extend(batch["keys"])
         s = np.concatenate(scores)
@@ -210,8 +210,7 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
     if list_shards(data_root, cfg.eval_split):
         # "trained": tags with a positive in this stage's training labels; "untrained": the rest,
         # which the model can only score through their text embedding (open set).
-        seen = {int(i) for s in loader.shards for k in s.keys
-                if k in loader.labels and not is_validation_key(k, loader.validation_fraction)
+        seen = {int(i) for s in loader.unique_shards() for k in s.keys if loader.trainable(k)
                 for i in loader.labels.tags[k]}
         subsets = {"trained": sorted(seen),
                    "untrained": sorted(set(range(loader.labels.num_classes)) - seen)}
@@ -223,6 +222,18 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
 
 
 # --------------------------------------------------------------------------- stage
+
+def _clean_mix_inputs(cfg: TrainStageConfig, data_root: Path) -> tuple[list, Path]:
+    """Shards and labels file of ``cfg.clean_mix.split`` (checked: present, not a noisy split too)."""
+    split = cfg.clean_mix.split
+    if split in cfg.splits:
+        raise ValueError(f"clean_mix.split {split!r} is also in splits {cfg.splits}: its labels would count twice")
+    paths = list_shards(data_root, split)
+    labels = labels_path(data_root, split)
+    if not paths or not labels.exists():
+        raise FileNotFoundError(f"clean_mix needs the {split!r} split's shards and {labels}: ingest and label it")
+    return index_shards(paths), labels
+
 
 def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
                 init_from: Path | None = None, parent_run_id: str | None = None,
@@ -244,10 +255,20 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
     if not shard_paths:
         raise FileNotFoundError(f"no shards for splits {cfg.splits} under {data_root}/raw: run `ramflow ingest`")
     label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
+    shards = index_shards(shard_paths)
+    reserved: frozenset[str] = frozenset()
+    complete: frozenset[str] = frozenset()
+    if cfg.clean_mix is not None:
+        clean_shards, clean_labels = _clean_mix_inputs(cfg, data_root)
+        shards += clean_shards * cfg.clean_mix.repeat
+        label_files.append(clean_labels)
+        complete = frozenset(k for s in clean_shards for k in s.keys)
+        reserved = frozenset(k for k in complete if is_validation_key(k, cfg.clean_mix.holdout))
     loader = TrainLoader(
-        index_shards(shard_paths), load_label_table(label_files, len(names)), cfg.micro_batch_size, aug,
+        shards, load_label_table(label_files, len(names)), cfg.micro_batch_size, aug,
         seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank,
         world_size=dist.world_size, validation_fraction=cfg.validation_fraction,
+        reserved_keys=reserved, complete_keys=complete,
     )
     inputs = [*label_files, *([init] if init else [])]
     fingerprint = run_fingerprint(cfg, inputs, tags=names, world_size=dist.world_size)

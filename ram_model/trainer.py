@@ -44,6 +44,21 @@ BOOKKEEPING_FIELDS = frozenset({
 })
 
 
+class CleanMixConfig(BaseModel):
+    """A small split with complete labels, mixed into a noisy-caption stage's training data.
+
+    Captions leave tags out (here most colours), and a tagger trained on them alone learns to
+    score those tags low; a few hundred completely labelled images, repeated and shuffled in,
+    teach the missing tags from the start of training. Keys ``is_validation_key(key,
+    holdout)`` are never read: the engine calibrates its thresholds on them, so they must be
+    the images no model of the pipeline trained on (``holdout`` = ``engine.adapt_holdout``).
+    """
+
+    split: str = "finetune"                       # raw/{split}/ shards and labels/{split}.parquet
+    repeat: int = Field(8, ge=1)                  # listings of the split per epoch
+    holdout: float = Field(0.5, ge=0.0, lt=1.0)   # fraction of its keys reserved (never trained on)
+
+
 class TrainStageConfig(BaseModel):
     """One training stage (``preliminary_model:`` / ``retrained_model:`` / ``finetuned_model:``)."""
 
@@ -56,6 +71,7 @@ class TrainStageConfig(BaseModel):
     zero_stage: int = Field(2, ge=0, le=2)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16 only takes effect on CUDA
     splits: list[str] = ["pretrain"]              # raw/{split}/ shards to train on
+    clean_mix: CleanMixConfig | None = None       # a completely labelled split mixed in (None: off)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = None                  # cap on optimizer steps (None: epochs decide)
     batch_size: int = Field(32, ge=1)             # global samples per optimizer step
@@ -209,6 +225,8 @@ class Trainer:
         out = {k: batch[k] for k in ("image", "tag_targets", "parse_targets")}
         if self.cfg.missing_label_rejection > 0 and self.state.step >= self.cfg.reject_start * self.total_steps:
             out["reject_negatives"] = self.cfg.missing_label_rejection
+            if "complete_labels" in batch:
+                out["complete_labels"] = batch["complete_labels"]  # [B] bool: these rows keep every negative
         tokenizer = getattr(self.engine.module, "tokenizer", None)
         if self.cfg.caption and tokenizer is not None:
             ids, mask = tokenizer.encode(batch["captions"], self.caption_max_len)

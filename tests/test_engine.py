@@ -467,7 +467,7 @@ def test_run_engine_adapts_then_calibrates_on_the_held_out_half_only(tmp_path, m
     held = sum(is_validation_key(s.key, 0.5) for s in clean)
     assert 0 < held < len(clean)
     assert res.generation["calibration_images"] == held
-    assert res.generation["calibration_skipped"] == {"used_for_adaptation": len(clean) - held}
+    assert res.generation["calibration_skipped"] == {"trained_on": len(clean) - held}
     assert res.generation["adapted_model"] == str(out.parent / "engine_model")
     with pytest.raises(FileNotFoundError, match="needs the 'test' split"):
         engine.run_engine(tmp_path / "prelim", root, "pretrain", labels, formats.label_system_dir(root), out,

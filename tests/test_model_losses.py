@@ -89,3 +89,15 @@ def test_asl_with_rejection_leaves_a_missing_positive_out_of_the_loss_and_gradie
     assert float(rejected) == pytest.approx(float(without_tag2), rel=1e-6) and float(rejected) < float(plain)
     rejected.backward()
     assert logits.grad[0, 2] == 0 and logits.grad[0, 0] < 0  # no push on the missing tag; positives still learn
+
+
+def test_large_loss_mask_never_drops_negatives_of_completely_labelled_rows():
+    loss = torch.tensor([[8.0, 0.1, 0.2, 0.3], [0.5, 6.0, 0.4, 0.6]])
+    targets = torch.zeros(2, 4)
+    complete = torch.tensor([True, False])  # row 0: a clean-split image, its 8.0 is a real negative
+    keep = large_loss_mask(loss, targets, 0.5, complete)  # int(0.5 * 4 noisy negatives) = 2 rejected
+    assert keep.tolist() == [[1, 1, 1, 1], [1, 0, 1, 0]]
+    logits = torch.tensor([[4.0, -3.0], [4.0, -3.0]], requires_grad=True)
+    asymmetric_loss(logits, torch.zeros(2, 2), reduction="sum", reject_negatives=0.5,
+                    complete_rows=torch.tensor([True, False])).backward()
+    assert logits.grad[0, 0] > 0 and logits.grad[1, 0] == 0  # the clean row is still pushed down

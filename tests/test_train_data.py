@@ -106,3 +106,32 @@ def test_validation_keys_are_held_out(root):
 def test_bad_label_ids_raise(tmp_path, root):
     with pytest.raises(ValueError, match="outside"):
         load_label_table(labels_path(root, "pretrain"), 2)
+
+
+def test_a_repeated_clean_split_is_read_per_listing_with_its_reserved_keys_left_out(root, tmp_path):
+    from ram_model.data import is_validation_key
+
+    clean = make_split(tmp_path, "finetune", [12], seed=5)
+    complete = frozenset(clean)
+    reserved = frozenset(k for k in clean if is_validation_key(k, 0.5))
+    assert 0 < len(reserved) < len(clean)
+    shards = index_shards(list_shards(root, "pretrain")) + index_shards(list_shards(tmp_path, "finetune")) * 3
+    labels = load_label_table([labels_path(root, "pretrain"), labels_path(tmp_path, "finetune")], len(TAGS))
+    loader = TrainLoader(shards, labels, micro_batch_size=4, aug=AUG, seed=3, num_workers=2, shuffle_buffer=8,
+                         reserved_keys=reserved, complete_keys=complete)
+    c = loader.counts
+    usable = len(clean) - len(reserved)
+    assert c["images"] == 33 + 12 and c["reserved"] == len(reserved) and c["complete_labels"] == usable
+    assert c["repeated_samples"] == 2 * usable
+    assert (c["skipped_no_labels"] + c["reserved"] + c["held_out_validation"] + c["train_samples"]
+            - c["repeated_samples"]) == c["images"]
+    seen: list[str] = []
+    for b in loader.iter_epoch(0):
+        assert b["complete_labels"].tolist() == [k in complete for k in b["keys"]]
+        seen += b["keys"]
+    assert not set(seen) & reserved
+    clean_seen = [k for k in seen if k in complete]
+    assert clean_seen and max(clean_seen.count(k) for k in clean_seen) > 1  # read again per listing
+    assert max(clean_seen.count(k) for k in clean_seen) <= 3
+    assert [s.path for s in loader.unique_shards()] == [s.path for s in shards[:4]]  # 3 pretrain + finetune
+    assert loader.validation_keys().isdisjoint(reserved)

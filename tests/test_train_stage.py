@@ -136,6 +136,34 @@ def test_engine_adaptation_fine_tunes_through_the_trainer(root, tmp_path, monkey
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
 
 
+def test_clean_mix_trains_on_the_clean_split_repeated_and_the_engine_leaves_those_keys_out(root, tmp_path,
+                                                                                              monkeypatch):
+    """``clean_mix``: the clean split's non-reserved half is read ``repeat`` times per epoch; the
+    engine finds those keys in the saved config and does not calibrate on them."""
+    from data_engine.engine.adapt import mixed_in, trained_on
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data_root = tmp_path / "dr"
+    for sub in ("raw", "labels"):
+        (data_root / sub).mkdir(parents=True)
+    (data_root / "raw" / "pretrain").symlink_to(root / "raw" / "pretrain", target_is_directory=True)
+    write_label_system(data_root)
+    clean = make_split(data_root, "finetune", [20], seed=7)
+    mix = {"split": "finetune", "repeat": 3, "holdout": 0.5}
+    out = tmp_path / "prelim"
+    result = train_stage(_cfg(clean_mix=mix), data_root, out, labels_path(root, "pretrain"), evaluate_after=False)
+    used = trained_on(clean, 0.5)
+    m = result.metrics
+    assert 0 < len(used) < len(clean)
+    assert m["data/reserved"] == len(clean) - len(used) and m["data/complete_labels"] == len(used)
+    assert m["data/repeated_samples"] == 2 * len(used)
+    assert m["data/train_samples"] == 43 + 3 * len(used)  # 48 pretrain images, 5 unlabelled
+    assert mixed_in(out, "finetune", clean) == used and mixed_in(out, "pretrain", clean) == set()
+    with pytest.raises(ValueError, match="also in splits"):
+        train_stage(_cfg(clean_mix=mix, splits=["pretrain", "finetune"]), data_root, tmp_path / "x",
+                    labels_path(root, "pretrain"), evaluate_after=False)
+
+
 def test_a_stage_resumes_only_its_own_run(root, tmp_path, monkeypatch):
     """Same settings and labels: the finished checkpoint is resumed. Other settings or other labels:
     the stale checkpoints are deleted and the stage trains from step 0 in a new MLflow run."""

@@ -444,6 +444,11 @@ def run_engine_variants(
         raise FileNotFoundError(f"no shards for split {split!r} under {data_root}")
     cfgs = list(variants.values())
     calibration = load_calibration(data_root, cfgs[0])
+    if calibration is not None:
+        from .adapt import mixed_in
+
+        # images the preliminary model trained on (its clean_mix) cannot calibrate its thresholds
+        calibration.exclude = frozenset(mixed_in(Path(model_ckpt), cfgs[0].calibration_split, calibration.labels))
     if cfgs[0].adapt_epochs > 0:
         if calibration is None:
             raise FileNotFoundError(f"adapt_epochs > 0 needs the {cfgs[0].calibration_split!r} split and its labels")
@@ -452,7 +457,7 @@ def run_engine_variants(
         model_ckpt = adapt_model(Path(model_ckpt), Path(data_root), cfgs[0].calibration_split, cfgs[0].adapt_epochs,
                                  cfgs[0].adapt_lr, cfgs[0].adapt_holdout,
                                  Path(next(iter(out_paths.values()))).parent / "engine_model", tracking)
-        calibration.exclude = frozenset(trained_on(calibration.labels, cfgs[0].adapt_holdout))
+        calibration.exclude |= frozenset(trained_on(calibration.labels, cfgs[0].adapt_holdout))
         calibration.adapted_model = str(model_ckpt)
     model = load_engine_model(model_ckpt, cfgs[0].device)
     label_system = LabelSystem.load(Path(label_system_dir))

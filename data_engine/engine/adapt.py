@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 def adapt_config(base: Mapping[str, Any], split: str, epochs: int, lr: float, holdout: float) -> dict[str, Any]:
     """The preliminary stage's training config, switched to a short fine-tune on ``split``.
 
-    The clean split's labels are complete, so nothing is rejected as a missing label there.
+    The clean split's labels are complete, so nothing is rejected as a missing label there,
+    and nothing else is mixed in.
     """
     warmup = min(int(base.get("warmup_steps", 0) or 0), 5)
     return {**base, "splits": [split], "epochs": epochs, "max_steps": None, "lr": lr, "warmup_steps": warmup,
             "validation_fraction": holdout, "resume": False, "init_from": None, "engine": "torch",
-            "missing_label_rejection": 0.0}
+            "missing_label_rejection": 0.0, "clean_mix": None}
 
 
 def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: float, holdout: float,
@@ -66,6 +67,22 @@ def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: f
                          parent_run_id=parent)
     log.info("adapted on %s: test mAP %s", split, result.metrics.get("test/mAP"))
     return Path(out_dir)
+
+
+def mixed_in(model_dir: Path, split: str, keys) -> set[str]:
+    """The keys of ``split`` that the model in ``model_dir`` was trained on through its ``clean_mix``.
+
+    The engine must not calibrate on them; with the pipeline's params they are the same keys the
+    adaptation trains on (``clean_mix.holdout`` = ``adapt_holdout``), and this makes sure of it.
+    """
+    from ram_model.train_stage import CONFIG_FILE
+    from ram_model.trainer import TrainStageConfig
+
+    config_file = Path(model_dir) / CONFIG_FILE
+    if not config_file.exists():
+        return set()
+    mix = TrainStageConfig.model_validate(json.loads(config_file.read_text(encoding="utf-8"))).clean_mix
+    return trained_on(keys, mix.holdout) if mix is not None and mix.split == split else set()
 
 
 def trained_on(keys, holdout: float) -> set[str]:

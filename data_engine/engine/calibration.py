@@ -39,7 +39,7 @@ class Calibration:
     samples: Iterable[Sample]
     labels: Mapping[str, Sequence[int]]
     skipped: Counter = field(default_factory=Counter)  # bad images, images without a label row
-    exclude: frozenset[str] = frozenset()  # keys the engine's model was adapted on (not calibration)
+    exclude: frozenset[str] = frozenset()  # keys the engine's model trained on (adaptation, clean_mix)
     adapted_model: str | None = None       # that model's folder
 
 
@@ -67,7 +67,7 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
     def labelled(samples: Iterable[Sample]) -> Iterable[Sample]:
         for s in samples:
             if s.key in calibration.exclude:
-                calibration.skipped["used_for_adaptation"] += 1
+                calibration.skipped["trained_on"] += 1
             elif s.key in calibration.labels:
                 yield s
             else:
