@@ -370,7 +370,8 @@ class TrainLoader:
 
     def trainable(self, key: str) -> bool:
         """True for a labelled key this loader trains on (not reserved, not held out for validation)."""
-        return key in self.labels and key not in self.reserved_keys and not is_validation_key(key, self.validation_fraction)
+        return (key in self.labels and key not in self.reserved_keys
+                and not is_validation_key(key, self.validation_fraction))
 
     def validation_keys(self) -> set[str]:
         """Labelled keys held out for threshold calibration (never reserved ones)."""

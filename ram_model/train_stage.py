@@ -27,7 +27,8 @@ import torch
 
 from data_engine.formats import label_system_dir, labels_path, list_shards
 from ram_model.data import (
-    AugmentConfig, TrainLoader, index_shards, is_validation_key, iter_eval_batches, load_label_table, multi_hot,
+    AugmentConfig, ShardInfo, TrainLoader, index_shards, is_validation_key, iter_eval_batches, load_label_table,
+    multi_hot,
 )
 from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
 from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, run_fingerprint, seed_everything
@@ -223,7 +224,7 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
 
 # --------------------------------------------------------------------------- stage
 
-def _clean_mix_inputs(cfg: TrainStageConfig, data_root: Path) -> tuple[list, Path]:
+def _clean_mix_inputs(cfg: TrainStageConfig, data_root: Path) -> tuple[list[ShardInfo], Path]:
     """Shards and labels file of ``cfg.clean_mix.split`` (checked: present, not a noisy split too)."""
     split = cfg.clean_mix.split
     if split in cfg.splits:
