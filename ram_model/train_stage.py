@@ -27,8 +27,7 @@ import torch
 
 from data_engine.formats import label_system_dir, labels_path, list_shards
 from ram_model.data import (
-    AugmentConfig, ShardInfo, TrainLoader, index_shards, is_validation_key, iter_eval_batches, load_label_table,
-    multi_hot,
+    AugmentConfig, ShardInfo, TrainLoader, index_shards, iter_eval_batches, load_label_table, multi_hot,
 )
 from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
 from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, run_fingerprint, seed_everything
@@ -264,7 +263,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         shards += clean_shards * cfg.clean_mix.repeat
         label_files.append(clean_labels)
         complete = frozenset(k for s in clean_shards for k in s.keys)
-        reserved = frozenset(k for k in complete if is_validation_key(k, cfg.clean_mix.holdout))
+        reserved = frozenset(k for k in complete if not cfg.clean_mix.trains_on(k))
     loader = TrainLoader(
         shards, load_label_table(label_files, len(names)), cfg.micro_batch_size, aug,
         seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank,

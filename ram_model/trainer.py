@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from ram_model.data import TrainLoader
+from ram_model.data import TrainLoader, is_validation_key
 from ram_model.engines import DistInfo, EngineSettings, build_engine, dist_info_from_env
 from ram_model.tracking import RunTracker
 
@@ -57,6 +57,10 @@ class CleanMixConfig(BaseModel):
     split: str = "finetune"                       # raw/{split}/ shards and labels/{split}.parquet
     repeat: int = Field(8, ge=1)                  # listings of the split per epoch
     holdout: float = Field(0.5, ge=0.0, lt=1.0)   # fraction of its keys reserved (never trained on)
+
+    def trains_on(self, key: str) -> bool:
+        """True for a key of ``split`` that training reads (the one rule the engine also applies)."""
+        return not is_validation_key(key, self.holdout)
 
 
 class TrainStageConfig(BaseModel):

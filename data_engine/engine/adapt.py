@@ -82,7 +82,7 @@ def mixed_in(model_dir: Path, split: str, keys) -> set[str]:
     if not config_file.exists():
         return set()
     mix = TrainStageConfig.model_validate(json.loads(config_file.read_text(encoding="utf-8"))).clean_mix
-    return trained_on(keys, mix.holdout) if mix is not None and mix.split == split else set()
+    return {k for k in keys if mix.trains_on(k)} if mix is not None and mix.split == split else set()
 
 
 def trained_on(keys, holdout: float) -> set[str]:
