@@ -117,6 +117,13 @@ def test_precision_thresholds_take_the_deepest_precise_prefix():
     assert calibrated.tolist() == [True, False, True]
     with pytest.raises(ValueError):
         precision_thresholds(probs, labels[:, :2], 0.9, fallback)
+    # pooled over the calibrated classes 0 and 2, by falling prob: T F T T F T T F F T -> running
+    # precision 1, .5, .67, .75, .6, .67, .71, ...: at 0.7 both stop at 0.6, where class 2 alone never got
+    thr, calibrated = precision_thresholds(probs, labels, target=0.7, fallback=fallback, min_positives=3,
+                                           pooled=True)
+    assert thr.tolist() == pytest.approx([0.6, 0.22, 0.6]) and calibrated.tolist() == [True, False, True]
+    per_class, _ = precision_thresholds(probs, labels, target=0.7, fallback=fallback, min_positives=3)
+    assert per_class[0] == pytest.approx(0.6) and np.isinf(per_class[2])
 
 
 def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_path):
@@ -130,7 +137,8 @@ def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_pa
              Sample("c_grey", synthetic_image([])), Sample("c_stray", synthetic_image([]))]
     calib_labels = {"c_red": [0], "c_blue": [], "c_grey": [2]}          # c_stray has no label row
     image = synthetic_image([(0, box), (2, (60, 60, 90, 90)), (1, (60, 5, 90, 35))])
-    cfg = EngineConfig(cleaning=False, captioning=False, batch_size=2, report_tags=0, calibration_min_positives=1)
+    cfg = EngineConfig(cleaning=False, captioning=False, batch_size=2, report_tags=0, calibration_min_positives=1,
+                       generation_pooled=False)
     out = {}
     for name, calibration in (("calibrated", Calibration(calib, calib_labels)), ("margin", None)):
         res = engine_core(StandInModel(), [Sample("p", image)], {"p": []}, NAMES, cfg, tmp_path / f"{name}.parquet",

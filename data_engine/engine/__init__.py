@@ -60,6 +60,9 @@ class EngineConfig(BaseModel):
     generation_precision: float | None = Field(
         0.97, gt=0, le=1, description="per-class generation thresholds set for this precision on the "
         "calibration split (None: threshold + margin for every class)")
+    generation_pooled: bool = Field(
+        True, description="one generation threshold for every calibrated class, set on their pooled calibration "
+        "predictions (False: one per class, each at generation_precision; see generation.precision_thresholds)")
     calibration_split: str = Field("finetune", description="split with complete, correct captions whose parsed "
                                    "labels calibrate generation")
     calibration_min_positives: int = Field(5, ge=1, description="fewer positives there: threshold + margin")
@@ -171,8 +174,8 @@ def _figure_rows(state: StreamState, arrays: dict, cleaning: CleaningResult, nam
 def _stream_options(variants: Sequence[EngineConfig]) -> StreamOptions:
     """One streaming pass that serves every variant (the superset of their switches)."""
     first = variants[0]
-    shared = ("batch_size", "margin", "generation_precision", "calibration_split", "calibration_min_positives",
-              "keep_quantile", "keep_above_threshold", "adapt_epochs", "adapt_lr", "adapt_holdout",
+    shared = ("batch_size", "margin", "generation_precision", "generation_pooled", "calibration_split",
+              "calibration_min_positives", "keep_quantile", "keep_above_threshold", "adapt_epochs", "adapt_lr", "adapt_holdout",
               "attention_threshold", "region_margin", "max_images", "device", "seed")
     for v in variants[1:]:
         diff = [k for k in shared if getattr(v, k) != getattr(first, k)]

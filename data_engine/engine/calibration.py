@@ -88,9 +88,10 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
     add_at = fallback
     if wants_precision:
         add_at, calibrated = precision_thresholds(probs, labels, cfg.generation_precision, fallback,
-                                                  cfg.calibration_min_positives)
+                                                  cfg.calibration_min_positives, pooled=cfg.generation_pooled)
         info.update({
-            "rule": "precision", "target_precision": cfg.generation_precision,
+            "rule": "pooled precision" if cfg.generation_pooled else "precision",
+            "target_precision": cfg.generation_precision,
             "classes_calibrated": int(calibrated.sum()), "classes_never_added": int(np.isinf(add_at).sum()),
             "thresholds": {names[c]: (None if np.isinf(add_at[c]) else round(float(add_at[c]), 4))
                            for c in np.flatnonzero(calibrated)},
