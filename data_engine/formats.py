@@ -65,8 +65,9 @@ def labels_path(root: str | Path, split: str) -> Path:
     return Path(root) / "labels" / f"{split}.parquet"
 
 
-def engine_labels_path(root: str | Path, split: str) -> Path:
-    return Path(root) / "engine" / f"{split}.parquet"
+def engine_labels_path(root: str | Path, split: str, round_dir: str = "engine") -> Path:
+    """Labels of ``split`` after an engine round (``engine``: the first, ``engine_refined``: the second)."""
+    return Path(root) / round_dir / f"{split}.parquet"
 
 
 def model_dir(root: str | Path, stage: str) -> Path:

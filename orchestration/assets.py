@@ -22,7 +22,7 @@ from .pipeline import STAGES, StageSpec, report_path
 from .resources import MlflowResource, RamflowStorage, TrainingLauncher, stage_env
 
 GROUP = "ramflow"
-_MODEL_STAGES = {"preliminary_model", "retrained_model", "finetuned_model"}
+_MODEL_STAGES = {"preliminary_model", "retrained_model", "refined_model", "finetuned_model"}
 _MAX_INLINE_PNG = 2_000_000  # bytes; bigger plots are shown by path
 
 

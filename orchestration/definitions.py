@@ -3,7 +3,8 @@
 Assets (lineage from :data:`.pipeline.STAGES`)::
 
     raw_pairs -> parsed_tags -> label_system -> preliminary_model -> engine_cleaned_data
-      -> retrained_model -> finetuned_model -> evaluation_report -> registered_model
+      -> retrained_model -> engine_refined_data -> refined_model -> finetuned_model
+      -> evaluation_report -> registered_model
 
 ``raw_pairs`` and ``parsed_tags`` are partitioned by shard (``{split}-{i:06d}``, computed from
 the params file: ``$RAMFLOW_PARAMS`` or ./params.yaml), so backfills run shards in parallel

@@ -219,7 +219,14 @@ _TRAIN_INPUTS: dict[str, Callable[[Path], tuple[Path, str | None, str]]] = {
     # stage -> (labels file, stage whose model initialises it, split it trains on)
     "preliminary_model": lambda root: (formats.labels_path(root, "pretrain"), None, "pretrain"),
     "retrained_model": lambda root: (formats.engine_labels_path(root, "pretrain"), None, "pretrain"),
-    "finetuned_model": lambda root: (formats.labels_path(root, "finetune"), "retrained_model", "finetune"),
+    "refined_model": lambda root: (formats.engine_labels_path(root, "pretrain", "engine_refined"), None, "pretrain"),
+    "finetuned_model": lambda root: (formats.labels_path(root, "finetune"), "refined_model", "finetune"),
+}
+
+_ENGINE_ROUNDS: dict[str, tuple[str, str]] = {
+    # stage -> (stage whose model tags the split, folder of its labels); both start from the parsed labels
+    "engine_cleaned_data": ("preliminary_model", "engine"),
+    "engine_refined_data": ("retrained_model", "engine_refined"),
 }
 
 
@@ -275,6 +282,10 @@ def run_retrained_model(env, keys=None, overrides=None) -> StageOutcome:
     return _train("retrained_model", env, overrides)
 
 
+def run_refined_model(env, keys=None, overrides=None) -> StageOutcome:
+    return _train("refined_model", env, overrides)
+
+
 def run_finetuned_model(env, keys=None, overrides=None) -> StageOutcome:
     outcome = _train("finetuned_model", env, overrides)
     from ram_model.serving import log_pyfunc
@@ -288,17 +299,36 @@ def run_finetuned_model(env, keys=None, overrides=None) -> StageOutcome:
 
 
 def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
-    from data_engine.engine import EngineConfig, run_engine
+    return _engine_round("engine_cleaned_data", env, overrides)
 
-    cfg = _cfg(EngineConfig, "engine", env, overrides)
-    report_dir = plots_dir(env.data_root, "engine_cleaned_data")
+
+def run_engine_refined_data(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
+    return _engine_round("engine_refined_data", env, overrides)
+
+
+def engine_config(stage: str, env: StageEnv, overrides: dict | None = None):
+    """The ``EngineConfig`` of an engine round: ``engine:``, then (second round) ``engine_refined:``
+    over it, then ``overrides``. One section holds what both rounds share."""
+    from data_engine.engine import EngineConfig
+
+    section = (load_params(env.params_path).get("engine_refined") or {}) if stage == "engine_refined_data" else {}
+    return _cfg(EngineConfig, "engine", env, {**section, **(overrides or {})})
+
+
+def _engine_round(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
+    """One engine pass over the pretrain split's parsed labels with the model of ``_ENGINE_ROUNDS[stage]``."""
+    from data_engine.engine import run_engine
+
+    cfg = engine_config(stage, env, overrides)
+    model_stage, round_dir = _ENGINE_ROUNDS[stage]
+    report_dir = plots_dir(env.data_root, stage)
     shutil.rmtree(report_dir, ignore_errors=True)
     report_dir.mkdir(parents=True, exist_ok=True)
-    out = formats.engine_labels_path(env.data_root, "pretrain")
+    out = formats.engine_labels_path(env.data_root, "pretrain", round_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tracking = {"tracking_uri": env.tracking_uri(), "experiment": env.mlflow.experiment,
                 "parent_run_id": pipeline_run_id(env)}  # the engine model's fine-tune, when adapt_epochs > 0
-    result = run_engine(formats.model_dir(env.data_root, "preliminary_model"), env.data_root, "pretrain",
+    result = run_engine(formats.model_dir(env.data_root, model_stage), env.data_root, "pretrain",
                         formats.labels_path(env.data_root, "pretrain"), formats.label_system_dir(env.data_root),
                         out, cfg, report_dir, tracking)
     metrics: dict[str, Any] = {}
@@ -316,13 +346,13 @@ def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOu
     adapted = result.generation.get("adapted_model")
     if adapted and (Path(adapted) / RESULT_FILE).exists():
         run_id = json.loads((Path(adapted) / RESULT_FILE).read_text(encoding="utf-8")).get("mlflow_run_id")
-    return StageOutcome("engine_cleaned_data", metrics, {"result": data}, plots, run_id)
+    return StageOutcome(stage, metrics, {"result": data}, plots, run_id)
 
 
 # --------------------------------------------------------------------------- evaluation and registry
 
 
-_EVAL_MODELS = ("preliminary_model", "retrained_model", "finetuned_model")
+_EVAL_MODELS = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
 _TABLE_METRICS = ("mAP", "micro_precision", "micro_recall", "micro_f1", "macro_f1")
 
 
@@ -337,7 +367,7 @@ def evaluation_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def run_evaluation_report(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
-    """Evaluate the three models on the test split against the corpus truth tags."""
+    """Evaluate the pipeline's models on the test split against the corpus truth tags."""
     from ram_model.evaluate import EvaluationConfig, evaluate_checkpoint
 
     from .plots import metrics_bars, top_ap_bars

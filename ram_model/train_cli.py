@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-TRAIN_STAGES = ("preliminary_model", "retrained_model", "finetuned_model")
+TRAIN_STAGES = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
 
 
 def default_inputs(stage: str, data_root: Path) -> tuple[list[Path], Path | None]:
@@ -17,7 +17,9 @@ def default_inputs(stage: str, data_root: Path) -> tuple[list[Path], Path | None
         return [formats.labels_path(data_root, "pretrain")], None
     if stage == "retrained_model":
         return [formats.engine_labels_path(data_root, "pretrain")], None
-    return [formats.labels_path(data_root, "finetune")], formats.model_dir(data_root, "retrained_model")
+    if stage == "refined_model":
+        return [formats.engine_labels_path(data_root, "pretrain", "engine_refined")], None
+    return [formats.labels_path(data_root, "finetune")], formats.model_dir(data_root, "refined_model")
 
 
 def _value(text: str):

@@ -64,7 +64,8 @@ class CleanMixConfig(BaseModel):
 
 
 class TrainStageConfig(BaseModel):
-    """One training stage (``preliminary_model:`` / ``retrained_model:`` / ``finetuned_model:``)."""
+    """One training stage (``preliminary_model:`` / ``retrained_model:`` / ``refined_model:`` /
+    ``finetuned_model:``)."""
 
     model: str = "ram_tiny"                       # registry name, or "pkg.module:factory"
     model_overrides: dict[str, Any] = {}          # passed to create_model(name, **overrides)

@@ -23,7 +23,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ASSETS = {"raw_pairs", "parsed_tags", "label_system", "preliminary_model", "engine_cleaned_data",
-          "retrained_model", "finetuned_model", "evaluation_report", "registered_model"}
+          "retrained_model", "engine_refined_data", "refined_model", "finetuned_model", "evaluation_report",
+          "registered_model"}
 
 STATUS_QUERY = """
 query ($id: String!) {

@@ -29,7 +29,7 @@ COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yaml"
 K8S_DIR = DEPLOY / "k8s"
 DS_DIR = DEPLOY / "deepspeed"
 
-TRAINING_STAGES = ("preliminary_model", "retrained_model", "finetuned_model")
+TRAINING_STAGES = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
 
 # Value names of the official Dagster chart (helm/dagster/schema/schema/charts/... in
 # dagster-io/dagster, which generates the chart's values.schema.json).

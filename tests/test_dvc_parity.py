@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,8 @@ def test_same_stages_and_same_dependencies(graphs):
 def test_lineage_chain_is_present(graphs):
     _, dag = graphs
     chain = ["raw_pairs", "parsed_tags", "label_system", "preliminary_model", "engine_cleaned_data",
-             "retrained_model", "finetuned_model", "evaluation_report", "registered_model"]
+             "retrained_model", "engine_refined_data", "refined_model", "finetuned_model", "evaluation_report",
+             "registered_model"]
     for up, down in zip(chain, chain[1:]):
         assert up in dag[down], f"{up} -> {down} missing"
 
@@ -91,3 +93,22 @@ def test_dagster_partitions_cover_the_raw_shards():
         assert keys == shard_keys()
         assert {parse_shard_key(k)[0] for k in keys} == {"pretrain", "finetune", "test"}
     assert graph.get(__import__("dagster").AssetKey("label_system")).partitions_def is None
+
+
+def test_the_second_engine_round_reads_engine_with_engine_refined_over_it(tmp_path):
+    from orchestration.settings import StageEnv
+    from orchestration.stages import engine_config
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["engine"]["n_clusters"] = 7
+    params["engine_refined"] = {"generation_precision": 0.9}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    env = StageEnv.from_params(path, data_root=str(tmp_path))
+    first, second = engine_config("engine_cleaned_data", env), engine_config("engine_refined_data", env)
+    assert first.generation_precision == params["engine"]["generation_precision"] != 0.9
+    assert second.generation_precision == 0.9 and first.n_clusters == second.n_clusters == 7
+    assert engine_config("engine_refined_data", env, {"generation_precision": 0.8}).generation_precision == 0.8
+    # the shipped params file: the refined model is the retrained recipe (one YAML anchor)
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert shipped["refined_model"] == shipped["retrained_model"]

@@ -26,7 +26,7 @@ from orchestration.pipeline import STAGE_NAMES, report_path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "orchestration" / "profiles" / "tiny.yaml"
 BIN = Path(sys.executable).parent
-MODEL_ASSETS = ("preliminary_model", "retrained_model", "finetuned_model")
+MODEL_ASSETS = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +189,8 @@ def test_tiny_pipeline_materializes_every_asset(tiny_run):
         assert meta[name]["mlflow_run_id"].value
         assert meta[name]["steps"].value >= 1
         assert "data:image/png;base64," in meta[name]["plots"].value
-    assert "data:image/png;base64," in meta["engine_cleaned_data"]["plots"].value
+    for name in ("engine_cleaned_data", "engine_refined_data"):
+        assert "data:image/png;base64," in meta[name]["plots"].value
     assert 0.0 <= meta["evaluation_report"]["mAP"].value <= 1.0
     assert "| finetuned_model |" in meta["evaluation_report"]["evaluation_table"].value
     assert meta["registered_model"]["promoted"].value is True

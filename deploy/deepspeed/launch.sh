@@ -28,7 +28,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/../.." && pwd)"
 
 # --- what to train ---------------------------------------------------------------------
-STAGE="${STAGE:-retrained_model}"            # preliminary_model | retrained_model | finetuned_model
+STAGE="${STAGE:-retrained_model}"            # preliminary_model | retrained_model | refined_model | finetuned_model
 HOSTFILE="${HOSTFILE:-${SCRIPT_DIR}/hostfile}"
 NUM_GPUS="${NUM_GPUS:-8}"                    # GPUs used on *each* node
 NUM_NODES="${NUM_NODES:-}"                   # empty: every host in the hostfile
