@@ -555,3 +555,44 @@ def test_recall_ceiling_brackets_the_brute_force_best(seed):
             best = max(best, right / truth.sum())
     assert res["reached"] and res["precision"] >= 0.8
     assert res["recall"] <= best + 1e-9 <= res["recall_upper_bound"] + 2e-9
+
+
+class LeftHalfModel(torch.nn.Module):
+    """Tags only what it sees in the image's left half: a mirror image gives another answer."""
+
+    def tag_logits(self, images):                                  # [B, 3, S, S] -> [B, 1]
+        return images[:, :1, :, : images.shape[-1] // 2].mean(dim=(1, 2, 3))[:, None] * 10.0
+
+
+def test_flip_averages_the_probabilities_of_the_image_and_its_mirror():
+    from data_engine.engine.pipeline import tag_probs
+
+    x = torch.zeros(2, 3, 4, 4)
+    x[0, 0, :, :2] = 1.0                     # image 0: bright left half; image 1: bright right half
+    x[1, 0, :, 2:] = 1.0
+    plain, flipped = tag_probs(LeftHalfModel(), x), tag_probs(LeftHalfModel(), x, flip=True)
+    left, dark = torch.sigmoid(torch.tensor(10.0)).item(), 0.5
+    assert plain[:, 0] == pytest.approx([left, dark])
+    assert flipped[:, 0] == pytest.approx([(left + dark) / 2] * 2)  # both views of each image, averaged
+
+
+def test_tta_flip_changes_nothing_for_mirror_symmetric_evidence(tmp_path):
+    """The stand-in tagger counts colour pixels, which a mirror keeps: the labels are the same with
+    and without the flip, and calibration and the pass tag each batch twice."""
+    from data_engine.engine import Calibration
+
+    box = (8, 8, 40, 56)
+    calib = [Sample(f"c{i}", synthetic_image([(0, box)], jitter=i)) for i in range(4)]
+    samples = [Sample("a", synthetic_image([(0, box), (2, (44, 8, 60, 30))])), Sample("b", synthetic_image([]))]
+    out = {}
+    for flip in (False, True):
+        model = StandInModel()
+        cfg = EngineConfig(cleaning=False, captioning=False, batch_size=2, report_tags=0, tta_flip=flip,
+                           calibration_min_positives=2)
+        res = engine_core(model, samples, {"a": [], "b": []}, NAMES, cfg, tmp_path / f"{flip}.parquet",
+                          tmp_path / f"r{flip}", calibration=Calibration(calib, {s.key: [0] for s in calib}))
+        assert res.generation["calibration_images"] == 4
+        out[flip] = ([list(v) for v in pd.read_parquet(tmp_path / f"{flip}.parquet")["union_label_ids"]],
+                     model.calls)
+    assert out[True][0] == out[False][0] and 0 in out[True][0][0]
+    assert out[True][1] == 2 * out[False][1] == 6   # calibration (2 batches) and the pass (1 batch), each twice

@@ -76,6 +76,8 @@ class EngineConfig(BaseModel):
     adapt_lr: float = Field(5e-4, gt=0)
     adapt_holdout: float = Field(0.5, gt=0, lt=1, description="fraction of the calibration split kept out of "
                                  "the adaptation: only these images calibrate")
+    tta_flip: bool = Field(False, description="tag probabilities (calibration, generation, image-score cleaning) "
+                           "averaged over the image and its mirror image; one more forward pass per batch")
     # regions
     attention_threshold: float = Field(0.5, gt=0, le=1, description="mask = attention >= this * max")
     region_margin: float = Field(0.15, ge=0, description="box expansion, fraction of its size per side")
@@ -176,7 +178,7 @@ def _stream_options(variants: Sequence[EngineConfig]) -> StreamOptions:
     first = variants[0]
     shared = ("batch_size", "margin", "generation_precision", "generation_pooled", "calibration_split",
               "calibration_min_positives", "keep_quantile", "keep_above_threshold", "adapt_epochs", "adapt_lr", "adapt_holdout",
-              "attention_threshold", "region_margin", "max_images", "device", "seed")
+              "attention_threshold", "region_margin", "max_images", "device", "seed", "tta_flip")
     for v in variants[1:]:
         diff = [k for k in shared if getattr(v, k) != getattr(first, k)]
         if diff:
@@ -184,9 +186,9 @@ def _stream_options(variants: Sequence[EngineConfig]) -> StreamOptions:
     return StreamOptions(
         batch_size=first.batch_size, generation=any(v.generation for v in variants),
         captioning=any(v.generation and v.captioning for v in variants),
-        regions=any(v.cleaning for v in variants), margin=first.margin,
+        regions=any(v.cleaning and (v.use_outliers or v.use_rescore) for v in variants), margin=first.margin,
         attention_threshold=first.attention_threshold, region_margin=first.region_margin,
-        max_images=first.max_images,
+        max_images=first.max_images, flip=first.tta_flip,
     )
 
 

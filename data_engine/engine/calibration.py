@@ -73,7 +73,8 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
             else:
                 calibration.skipped["not_in_labels"] += 1
 
-    keys, probs = score_samples(model, labelled(calibration.samples), cfg.batch_size, torch.device(cfg.device))
+    keys, probs = score_samples(model, labelled(calibration.samples), cfg.batch_size, torch.device(cfg.device),
+                                flip=cfg.tta_flip)
     if not keys:
         log.warning("no calibration image has a label row (%s): generation uses threshold + margin, no label "
                     "is flagged", dict(calibration.skipped))

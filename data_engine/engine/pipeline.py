@@ -2,7 +2,8 @@
 
 One pass over the split's shards, ``batch_size`` images at a time:
 
-1. resize + normalise the batch (``[B, 3, S, S]``) and tag it (``tag_logits`` -> sigmoid);
+1. resize + normalise the batch (``[B, 3, S, S]``) and tag it (``tag_logits`` -> sigmoid;
+   with ``flip``, the mean of the image's and its mirror image's probabilities: :func:`tag_probs`);
 2. generation: union of parsed tags, confident model tags and (optionally) tags parsed from
    the captioning branch's caption (:mod:`.generation`); union tags the image scores below
    their keep threshold are flagged (``low_score``) for cleaning;
@@ -58,6 +59,7 @@ class StreamOptions:
     attention_threshold: float = 0.5
     region_margin: float = 0.15
     max_images: int | None = None
+    flip: bool = False              # tag probabilities averaged with the mirror image's
 
 
 @dataclass
@@ -143,14 +145,29 @@ def _region_pairs(model, samples: list[Sample], x: torch.Tensor, labels: list[Ge
 
 
 @torch.inference_mode()
+def tag_probs(model, x: torch.Tensor, flip: bool = False) -> np.ndarray:
+    """Tag probabilities ``[B, C]`` of a batch ``x`` (``[B, 3, S, S]``).
+
+    ``flip``: the mean of the probabilities of each image and of its left-right mirror image, a
+    test-time augmentation that costs one more forward pass. A tag's presence does not change
+    under a mirror (the corpus has no left/right tags), and averaging the two views smooths a
+    single view's errors, which matters most near the generation threshold.
+    """
+    probs = torch.sigmoid(model.tag_logits(x).float())                                  # [B, C]
+    if flip:
+        probs = (probs + torch.sigmoid(model.tag_logits(torch.flip(x, dims=[3])).float())) / 2
+    return probs.cpu().numpy()
+
+
+@torch.inference_mode()
 def score_samples(model, samples: Iterable[Sample], batch_size: int,
-                  device: torch.device | str = "cpu") -> tuple[list[str], np.ndarray]:
+                  device: torch.device | str = "cpu", flip: bool = False) -> tuple[list[str], np.ndarray]:
     """Keys and tag probabilities ``[N, C]`` of ``samples``, ``batch_size`` images at a time."""
     keys: list[str] = []
     probs: list[np.ndarray] = []
     for batch in _batched(samples, batch_size):
         x = to_tensor([s.image for s in batch], model.data_config).to(device)   # [B, 3, S, S]
-        probs.append(torch.sigmoid(model.tag_logits(x).float()).cpu().numpy())  # [B, C]
+        probs.append(tag_probs(model, x, flip))                                 # [B, C]
         keys.extend(s.key for s in batch)
     width = len(getattr(model, "tag_names", ())) if not probs else probs[0].shape[1]
     return keys, np.concatenate(probs) if probs else np.zeros((0, width), dtype=np.float32)
@@ -197,7 +214,7 @@ def stream_labels(
     scored = opts.generation or opts.keep_thresholds is not None  # probabilities needed
     for batch in _batched(known(samples), opts.batch_size):
         x = to_tensor([s.image for s in batch], data_config).to(device)  # [B, 3, S, S]
-        probs = torch.sigmoid(model.tag_logits(x).float()).cpu().numpy() if scored else None  # [B, C]
+        probs = tag_probs(model, x, opts.flip) if scored else None  # [B, C]
         cap_ids = None
         if use_caption:
             cap_ids = caption_to_ids(list(model.caption(x)))
