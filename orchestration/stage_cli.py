@@ -111,6 +111,17 @@ def run_pipeline(params: str | os.PathLike | None = None, data_root: str | None 
     return result, parent, env
 
 
+def engine_labels_line(report: Path) -> str | None:
+    """The label quality an engine round's report measured against the corpus truth, in one line."""
+    if not report.exists():
+        return None
+    metrics = json.loads(report.read_text()).get("metrics", {})
+    steps = [(step, metrics.get(f"metrics/{step}/precision"), metrics.get(f"metrics/{step}/recall"))
+             for step in ("parsed", "generated", "cleaned")]
+    parts = [f"{step} P {p:.3f} R {r:.3f}" for step, p, r in steps if p is not None and r is not None]
+    return "labels vs truth: " + ", ".join(parts) if parts else None
+
+
 def _cmd_run(args) -> int:
     from .pipeline import report_path
 
@@ -124,6 +135,10 @@ def _cmd_run(args) -> int:
         from data_engine.ingest import IngestSummary
 
         print(IngestSummary.model_validate(json.loads(raw.read_text())["details"]["summary"]).format(), "\n")
+    for stage in ("engine_cleaned_data", "engine_refined_data"):
+        line = engine_labels_line(report_path(env.data_root, stage))
+        if line:
+            print(f"{stage}: {line}")
     evaluation = report_path(env.data_root, "evaluation_report")
     if evaluation.exists():
         print(json.loads(evaluation.read_text()).get("details", {}).get("table_md", ""))

@@ -196,6 +196,19 @@ def test_tiny_pipeline_materializes_every_asset(tiny_run):
     assert meta["registered_model"]["promoted"].value is True
 
 
+def test_make_run_prints_the_label_quality_of_each_engine_round(tiny_run):
+    from orchestration.stage_cli import engine_labels_line
+
+    _, _, env, *_ = tiny_run
+    for stage in ("engine_cleaned_data", "engine_refined_data"):
+        metrics = json.loads(report_path(env.data_root, stage).read_text())["metrics"]
+        line = engine_labels_line(report_path(env.data_root, stage))
+        assert line.startswith("labels vs truth: parsed P ")
+        assert line.endswith(f"cleaned P {metrics['metrics/cleaned/precision']:.3f} "
+                             f"R {metrics['metrics/cleaned/recall']:.3f}")
+    assert engine_labels_line(env.data_root / "reports" / "missing.json") is None
+
+
 def test_training_runs_nest_under_one_pipeline_run(tiny_run):
     import mlflow
 
