@@ -382,6 +382,21 @@ def test_engine_core_skips_unlabelled_samples_and_switches(tmp_path):
     assert all(list(a) == list(b) for a, b in zip(df["parse_label_ids"], df["union_label_ids"]))
 
 
+def test_without_a_region_rule_the_pass_computes_no_regions(tmp_path):
+    """Cleaning by image score alone needs no crops: the pass skips the regions (the second round)."""
+    samples, parsed, _ = _corpus(12, np.random.default_rng(5))
+    pairs = {}
+    for outliers in (True, False):
+        model = StandInModel()
+        cfg = EngineConfig(captioning=False, batch_size=6, min_count=2, report_tags=0, use_outliers=outliers)
+        res = engine_core(model, samples, parsed, NAMES, cfg, tmp_path / f"{outliers}.parquet",
+                          tmp_path / f"r{outliers}")
+        pairs[outliers] = (res.pairs, res.removed_by.get("region"), model.calls)
+    assert pairs[True][0] > 0 and pairs[True][1] is not None
+    assert pairs[False][:2] == (0, None)
+    assert pairs[False][2] == 2       # two batches tagged, no crop re-scored
+
+
 # --------------------------------------------------------------------------- stage function
 
 
