@@ -177,8 +177,8 @@ def _stream_options(variants: Sequence[EngineConfig]) -> StreamOptions:
     """One streaming pass that serves every variant (the superset of their switches)."""
     first = variants[0]
     shared = ("batch_size", "margin", "generation_precision", "generation_pooled", "calibration_split",
-              "calibration_min_positives", "keep_quantile", "keep_above_threshold", "adapt_epochs", "adapt_lr", "adapt_holdout",
-              "attention_threshold", "region_margin", "max_images", "device", "seed", "tta_flip")
+              "calibration_min_positives", "keep_quantile", "keep_above_threshold", "adapt_epochs", "adapt_lr",
+              "adapt_holdout", "attention_threshold", "region_margin", "max_images", "device", "seed", "tta_flip")
     for v in variants[1:]:
         diff = [k for k in shared if getattr(v, k) != getattr(first, k)]
         if diff:
