@@ -223,10 +223,11 @@ _TRAIN_INPUTS: dict[str, Callable[[Path], tuple[Path, str | None, str]]] = {
     "finetuned_model": lambda root: (formats.labels_path(root, "finetune"), "refined_model", "finetune"),
 }
 
-_ENGINE_ROUNDS: dict[str, tuple[str, str]] = {
-    # stage -> (stage whose model tags the split, folder of its labels); both start from the parsed labels
-    "engine_cleaned_data": ("preliminary_model", "engine"),
-    "engine_refined_data": ("retrained_model", "engine_refined"),
+_ENGINE_ROUNDS: dict[str, tuple[str, str, str | None]] = {
+    # stage -> (stage whose model tags the split, folder of its labels, params section over ``engine:``);
+    # both rounds start from the parsed labels
+    "engine_cleaned_data": ("preliminary_model", "engine", None),
+    "engine_refined_data": ("retrained_model", "engine_refined", "engine_refined"),
 }
 
 
@@ -307,11 +308,13 @@ def run_engine_refined_data(env: StageEnv, keys=None, overrides=None) -> StageOu
 
 
 def engine_config(stage: str, env: StageEnv, overrides: dict | None = None):
-    """The ``EngineConfig`` of an engine round: ``engine:``, then (second round) ``engine_refined:``
-    over it, then ``overrides``. One section holds what both rounds share."""
+    """The ``EngineConfig`` of an engine round: ``engine:``, then the round's own section over it
+    (``_ENGINE_ROUNDS``; second round: ``engine_refined:``), then ``overrides``. One section holds
+    what both rounds share."""
     from data_engine.engine import EngineConfig
 
-    section = (load_params(env.params_path).get("engine_refined") or {}) if stage == "engine_refined_data" else {}
+    over = _ENGINE_ROUNDS[stage][2]
+    section = (load_params(env.params_path).get(over) or {}) if over else {}
     return _cfg(EngineConfig, "engine", env, {**section, **(overrides or {})})
 
 
@@ -320,7 +323,7 @@ def _engine_round(stage: str, env: StageEnv, overrides: dict | None) -> StageOut
     from data_engine.engine import run_engine
 
     cfg = engine_config(stage, env, overrides)
-    model_stage, round_dir = _ENGINE_ROUNDS[stage]
+    model_stage, round_dir, _ = _ENGINE_ROUNDS[stage]
     report_dir = plots_dir(env.data_root, stage)
     shutil.rmtree(report_dir, ignore_errors=True)
     report_dir.mkdir(parents=True, exist_ok=True)
