@@ -67,6 +67,16 @@ def start_pipeline_run(data_root: str | Path, name: str = "pipeline", uri: str |
     return client.create_run(exp, run_name=name, tags={"ramflow.pipeline": "true"}).info.run_id
 
 
+def run_is_finished(data_root: str | Path, run_id: str, uri: str | None = None) -> bool:
+    """True when ``run_id`` is a FINISHED run of the tracking store (a stage reuses its stored
+    result only while the run it names is still there)."""
+    try:
+        run = _client(tracking_uri(data_root, uri)).get_run(run_id)
+    except Exception:  # noqa: BLE001 - unknown run or a store without it
+        return False
+    return run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():

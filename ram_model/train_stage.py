@@ -10,6 +10,7 @@ the held-out validation slice and evaluates the test split with :mod:`ram_model.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from ram_model.data import (
 )
 from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
 from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, run_fingerprint, seed_everything
-from ram_model.tracking import RunTracker, plot_loss_curves
+from ram_model.tracking import RunTracker, plot_loss_curves, run_is_finished
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,16 @@ class TrainResult:
     checkpoint: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str = ""
+    reused: bool = False   # the stage was up to date: its stored result, nothing trained or logged
 
     def to_json(self) -> dict[str, Any]:
-        return {"checkpoint": str(self.checkpoint), "metrics": self.metrics, "mlflow_run_id": self.mlflow_run_id}
+        return {"checkpoint": str(self.checkpoint), "metrics": self.metrics, "mlflow_run_id": self.mlflow_run_id,
+                "reused": self.reused}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainResult:
-        return cls(Path(data["checkpoint"]), data.get("metrics", {}), data.get("mlflow_run_id", ""))
+        return cls(Path(data["checkpoint"]), data.get("metrics", {}), data.get("mlflow_run_id", ""),
+                   bool(data.get("reused", False)))
 
 
 # --------------------------------------------------------------------------- model
@@ -99,8 +103,12 @@ def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | 
     if init_from is not None:
         from ram_model.checkpoint import read_checkpoint
 
+        from ram_model.engines import UnsafeCheckpointError
+
         try:
             state = read_checkpoint(init_from).get("tokenizer")
+        except UnsafeCheckpointError:
+            raise
         except (FileNotFoundError, ValueError):
             state = None
         if state:
@@ -130,19 +138,19 @@ def build_model(cfg: TrainStageConfig, tag_names: list[str], init_from: Path | N
     return model
 
 
-CUSTOM_MODEL_FILE = "model.pt"
+CUSTOM_MODEL_FILE = "model.pt"  # a custom model's export (ramflow-state-v1), same place as a registry model's
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Initialise from a trained model folder / file (tag queries stay those of ``model``)."""
-    path = Path(path)
-    custom = path / CUSTOM_MODEL_FILE if path.is_dir() else path
-    if custom.name == CUSTOM_MODEL_FILE and custom.exists():
-        state = torch.load(custom, map_location="cpu", weights_only=False)["state_dict"]
-    else:
-        from ram_model import checkpoint as ckpt_io
+    """Initialise from a trained model folder / file (tag queries stay those of ``model``).
 
-        state = ckpt_io.load_state_dict(path)
+    Both export formats (a registry model's ``ramflow-model-v1`` checkpoint, a custom model's
+    ``ramflow-state-v1`` weights) go through one loader that reads tensors and primitives only
+    (``weights_only=True``): a file that pickles anything else is refused before it runs."""
+    from ram_model import checkpoint as ckpt_io
+
+    path = Path(path)
+    state = ckpt_io.load_state_dict(path)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     kept = sorted(set(own) - set(usable))
@@ -155,15 +163,12 @@ def export_model(model: torch.nn.Module, cfg: TrainStageConfig, out_dir: Path, t
     """Write the trained model where serving / evaluation / the next stage read it.
 
     Registry models use the model package's checkpoint format; a custom ``module:factory``
-    model (tests, experiments) is saved as a plain ``model.pt`` state dict.
+    model (tests, experiments) is saved as its weights (``ramflow-state-v1``) in ``model.pt``.
     """
-    if ":" in cfg.model:
-        path = out_dir / CUSTOM_MODEL_FILE
-        torch.save({"factory": cfg.model, "state_dict": model.state_dict(), "thresholds": thresholds,
-                    "tag_names": list(getattr(model, "tag_names", []))}, path)
-        return path
     from ram_model import checkpoint as ckpt_io
 
+    if ":" in cfg.model:
+        return ckpt_io.save_state(model, out_dir / CUSTOM_MODEL_FILE, cfg.model, thresholds)
     return Path(ckpt_io.save_checkpoint(model, out_dir, thresholds=thresholds))
 
 
@@ -235,17 +240,99 @@ def _clean_mix_inputs(cfg: TrainStageConfig, data_root: Path) -> tuple[list[Shar
     return index_shards(paths), labels
 
 
-def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
-                init_from: Path | None = None, parent_run_id: str | None = None,
-                evaluate_after: bool = True) -> TrainResult:
-    """Train one stage into ``out_dir`` (resuming from its latest checkpoint when ``cfg.resume``)."""
-    data_root, out_dir = Path(data_root), Path(out_dir)
-    dist = dist_info_from_env()
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _clean_mix_labels(cfg: TrainStageConfig, data_root: Path) -> list[Path]:
+    return [labels_path(data_root, cfg.clean_mix.split)] if cfg.clean_mix is not None else []
+
+
+def stage_fingerprint(cfg: TrainStageConfig, data_root: Path, label_files: Sequence[Path], init: Path | None,
+                      names: Sequence[str], world_size: int, evaluate_after: bool) -> str:
+    """Short sha256 of everything a finished stage's model, metrics and MLflow run follow from.
+
+    The run's :func:`run_fingerprint` (settings, label files, initial weights, tags, world size)
+    plus what scoring and logging read: the evaluation settings, the MLflow experiment and store,
+    and the bytes of every shard of the training, clean-mix and evaluation splits. Equal
+    fingerprints: the stage's stored result is reused instead of training and logging again.
+    """
+    run_fp = run_fingerprint(cfg, [*label_files, *([init] if init else [])], tags=list(names),
+                             world_size=world_size)
+    splits = [*cfg.splits, *([cfg.clean_mix.split] if cfg.clean_mix else []),
+              *([cfg.eval_split] if evaluate_after else [])]
+    shards = sorted({p for split in dict.fromkeys(splits) for p in list_shards(data_root, split)})
+    digests = []
+    for shard in shards:
+        with shard.open("rb") as fh:
+            digests.append((f"{shard.parent.name}/{shard.name}", hashlib.file_digest(fh, "sha256").hexdigest()))
+    spec = {"run": run_fp, "evaluate_after": evaluate_after, "shards": digests,
+            "eval": {k: getattr(cfg, k) for k in ("calibration_min_positives", "eval_split", "eval_batch_size",
+                                                  "eval_max_samples", "experiment", "tracking_uri")}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_result(out_dir: Path, fingerprint: str, data_root: Path, cfg: TrainStageConfig) -> TrainResult | None:
+    """The stored result of ``out_dir`` when it was produced from the same inputs (``fingerprint``),
+    its model file is the one it describes (sha256) and its MLflow run is finished; else None."""
+    from ram_model.checkpoint import file_sha256
+
+    try:
+        data = json.loads((Path(out_dir) / RESULT_FILE).read_text(encoding="utf-8"))
+        stored_fp, stored_sha = data.get("fingerprint"), data.get("checkpoint_sha256")
+        model_file = Path(out_dir) / Path(data["checkpoint"]).name
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if stored_fp != fingerprint or not stored_sha or not model_file.is_file() or file_sha256(model_file) != stored_sha:
+        return None
+    run_id = data.get("mlflow_run_id") or ""
+    if run_id and not run_is_finished(data_root, run_id, cfg.tracking_uri):
+        log.info("%s: MLflow run %s is not in the tracking store (or unfinished): training again", out_dir, run_id)
+        return None
+    result = TrainResult.from_json(data)
+    result.checkpoint, result.reused = model_file, True
+    return result
+
+
+def _reuse(cfg: TrainStageConfig, out_dir: Path, fingerprint: str, data_root: Path) -> TrainResult | None:
+    done = None if cfg.force else finished_result(out_dir, fingerprint, data_root, cfg)
+    if done is not None:
+        log.info("%s is up to date (inputs %s unchanged): reusing MLflow run %s; set force to retrain",
+                 out_dir, fingerprint, done.mlflow_run_id)
+    return done
+
+
+def _stage_inputs(cfg: TrainStageConfig, data_root: Path, labels: Path | Sequence[Path],
+                  init_from: Path | None) -> tuple[list[str], list[Path], Path | None]:
+    """Tag names, label files (the stage's, then the clean-mix split's) and the initial model."""
     from data_engine.label_system import LabelSystem
 
     names = LabelSystem.load(label_system_dir(data_root)).names
+    label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
     init = init_from if init_from is not None else (Path(cfg.init_from) if cfg.init_from else None)
+    return names, [*label_files, *_clean_mix_labels(cfg, data_root)], init
+
+
+def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
+                init_from: Path | None = None, parent_run_id: str | None = None,
+                evaluate_after: bool = True) -> TrainResult:
+    """Train one stage into ``out_dir`` (resuming from its latest intact checkpoint when ``cfg.resume``).
+
+    A stage that already finished on the same inputs and settings (:func:`stage_fingerprint`)
+    returns its stored result (``reused``: no training, no new MLflow run); ``cfg.force`` trains
+    again from step 0 in a new run.
+    """
+    data_root, out_dir = Path(data_root), Path(out_dir)
+    dist = dist_info_from_env()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, label_files, init = _stage_inputs(cfg, data_root, labels, init_from)
+    reserved: frozenset[str] = frozenset()
+    complete: frozenset[str] = frozenset()
+    clean_shards: list[ShardInfo] = []
+    if cfg.clean_mix is not None:
+        clean_shards, _ = _clean_mix_inputs(cfg, data_root)
+        complete = frozenset(k for s in clean_shards for k in s.keys)
+        reserved = frozenset(k for k in complete if not cfg.clean_mix.trains_on(k))
+    done_fp = stage_fingerprint(cfg, data_root, label_files, init, names, dist.world_size, evaluate_after)
+    done = _reuse(cfg, out_dir, done_fp, data_root)
+    if done is not None:
+        return done
     model = build_model(cfg, names, init, data_root)
     data_cfg = model.data_config
     aug = AugmentConfig(image_size=int(data_cfg["image_size"]), mean=tuple(data_cfg["mean"]),
@@ -254,29 +341,21 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
     shard_paths = [p for split in cfg.splits for p in list_shards(data_root, split)]
     if not shard_paths:
         raise FileNotFoundError(f"no shards for splits {cfg.splits} under {data_root}/raw: run `ramflow ingest`")
-    label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
-    shards = index_shards(shard_paths)
-    reserved: frozenset[str] = frozenset()
-    complete: frozenset[str] = frozenset()
-    if cfg.clean_mix is not None:
-        clean_shards, clean_labels = _clean_mix_inputs(cfg, data_root)
-        shards += clean_shards * cfg.clean_mix.repeat
-        label_files.append(clean_labels)
-        complete = frozenset(k for s in clean_shards for k in s.keys)
-        reserved = frozenset(k for k in complete if not cfg.clean_mix.trains_on(k))
+    shards = index_shards(shard_paths) + clean_shards * (cfg.clean_mix.repeat if cfg.clean_mix else 0)
     loader = TrainLoader(
         shards, load_label_table(label_files, len(names)), cfg.micro_batch_size, aug,
         seed=cfg.seed, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank,
         world_size=dist.world_size, validation_fraction=cfg.validation_fraction,
         reserved_keys=reserved, complete_keys=complete,
     )
-    inputs = [*label_files, *([init] if init else [])]
-    fingerprint = run_fingerprint(cfg, inputs, tags=names, world_size=dist.world_size)
-    resumed = latest_checkpoint(out_dir) if cfg.resume else None
-    if resumed is not None and resumed[1].get("fingerprint") != fingerprint:
+    fingerprint = run_fingerprint(cfg, [*label_files, *([init] if init else [])], tags=names,
+                                  world_size=dist.world_size)
+    resumed = latest_checkpoint(out_dir) if cfg.resume and not cfg.force else None
+    if (resumed is not None and resumed[1].get("fingerprint") != fingerprint) or cfg.force:
         # every rank decides alike; only the main process deletes
-        log.warning("%s holds checkpoints of another run (settings, labels or initial weights differ): "
-                    "training from the start", out_dir / "checkpoints")
+        log.warning("%s: %s: training from the start", out_dir / "checkpoints",
+                    "force is set" if cfg.force else
+                    "checkpoints of another run (settings, labels or initial weights differ)")
         if dist.is_main:
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         resumed = None
@@ -286,7 +365,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
                          tags={"ramflow.stage": out_dir.name, "ramflow.engine": cfg.engine})
     trainer = Trainer(model, loader, cfg, out_dir, tracker=tracker, dist=dist)
     if resumed:
-        trainer.resume()
+        trainer.resume(fingerprint)
         trainer.state.mlflow_run_id = tracker.run_id or trainer.state.mlflow_run_id
     trainer.state.fingerprint = fingerprint
     tracker.log_params({"stage": cfg.model_dump(mode="json"), "world_size": dist.world_size,
@@ -314,13 +393,24 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         checkpoint = export_model(module, cfg, out_dir, thresholds)
         _log_artifacts(tracker, out_dir, summary.history, cfg, names, thresholds, metrics, data_root)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=summary.steps)
+        tracker.set_tags({"ramflow.inputs": done_fp})
         tracker.finish()
         result = TrainResult(checkpoint, metrics, tracker.run_id)
-        (out_dir / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=1, default=str), encoding="utf-8")
+        _write_result(out_dir, result, done_fp)
     trainer.engine.barrier()
     if not dist.is_main:
         return TrainResult(checkpoint, metrics, "")
     return result
+
+
+def _write_result(out_dir: Path, result: TrainResult, fingerprint: str) -> None:
+    """``train_result.json`` with the input fingerprint and the model file's sha256 (atomic)."""
+    from ram_model.checkpoint import file_sha256
+
+    data = {**result.to_json(), "fingerprint": fingerprint, "checkpoint_sha256": file_sha256(result.checkpoint)}
+    tmp = out_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    tmp.replace(out_dir / RESULT_FILE)
 
 
 def _log_artifacts(tracker: RunTracker, out_dir: Path, history, cfg: TrainStageConfig, names: list[str],
@@ -347,6 +437,11 @@ def launch_train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, la
                        extra_env: dict[str, str] | None = None) -> TrainResult:
     """Run :func:`train_stage` in ``nproc`` torchrun workers; return rank 0's result."""
     out_dir = Path(out_dir)
+    names, label_files, init = _stage_inputs(cfg, Path(data_root), labels, init_from)
+    done = _reuse(cfg, out_dir, stage_fingerprint(cfg, Path(data_root), label_files, init, names, nproc, evaluate_after),
+                  Path(data_root))
+    if done is not None:
+        return done  # no workers started
     launch = out_dir / "launch"
     launch.mkdir(parents=True, exist_ok=True)
     request = {

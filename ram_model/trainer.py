@@ -28,19 +28,25 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ram_model.data import TrainLoader, is_validation_key
-from ram_model.engines import DistInfo, EngineSettings, build_engine, dist_info_from_env
+from ram_model.engines import (
+    CHECKPOINT_READ_ERRORS, DistInfo, EngineSettings, build_engine, dist_info_from_env, load_tensors,
+)
 from ram_model.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 TRAINER_STATE = "trainer_state.json"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"        # a checkpoint being written (renamed to step_* once complete)
+CORRUPT_PREFIX = "corrupt-"  # an unreadable checkpoint, set aside on resume
+MIN_KEPT = 2                # checkpoints kept at least, so a corrupt latest has an intact predecessor
 # Settings that change how a run is logged, checkpointed or scored, not what it trains: a killed
 # run may resume with other values. ``init_from`` is covered by hashing the weights themselves.
 BOOKKEEPING_FIELDS = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "resume", "num_workers", "init_from",
     "calibration_min_positives", "eval_split", "eval_batch_size", "eval_max_samples", "experiment",
-    "tracking_uri",
+    "tracking_uri", "force",
 })
 
 
@@ -88,7 +94,7 @@ class TrainStageConfig(BaseModel):
     grad_clip: float = 0.0                        # global-norm clip (0 = off; 1.0 cut ram_effnet_lite0's
                                                   # 2-epoch test mAP from 0.64 to 0.35 on the embedded corpus)
     checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)        # at least MIN_KEPT are kept either way
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = 256
     seed: int = 0
@@ -97,6 +103,8 @@ class TrainStageConfig(BaseModel):
     hflip: float = 0.5
     log_every: int = 10
     resume: bool = True                           # continue from out_dir/checkpoints/latest
+    force: bool = False                           # retrain (new MLflow run) even when the finished
+                                                  # model's inputs and settings are unchanged
     init_from: str | None = None                  # checkpoint / model dir used when the caller passes none
     validation_fraction: float = 0.05             # held-out keys for threshold calibration
     calibration_min_positives: int = Field(5, ge=1)  # fewer validation positives: keep the class's threshold
@@ -137,15 +145,28 @@ class TrainSummary:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and ints (saved with ``torch.save``, read back with
+    ``weights_only=True``: no pickled numpy or Python objects)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),  # [625]
+                   "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),  # [624]
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -164,15 +185,48 @@ def grad_accum_steps(cfg: TrainStageConfig, world_size: int) -> int:
     return cfg.batch_size // per_step
 
 
-def latest_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """``(checkpoint dir, its trainer state)`` of the last complete checkpoint, or None (also when
-    the main process is deleting stale checkpoints while another rank looks)."""
-    pointer = out_dir / "checkpoints" / LATEST
+def _step_of(ckpt: Path) -> int:
     try:
-        ckpt = out_dir / "checkpoints" / json.loads(pointer.read_text())["dir"]
-        return ckpt, json.loads((ckpt / TRAINER_STATE).read_text())
-    except FileNotFoundError:
-        return None
+        return int(ckpt.name.removeprefix(STEP_PREFIX))
+    except ValueError:
+        return -1
+
+
+def checkpoint_candidates(out_dir: Path) -> list[Path]:
+    """Checkpoint folders of ``out_dir``, newest first: the one ``latest.json`` names, then every
+    other ``step_*`` folder by step (a pointer that is missing or unreadable is skipped)."""
+    root = Path(out_dir) / "checkpoints"
+    found = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and _step_of(p) >= 0),
+                   key=_step_of, reverse=True)
+    try:
+        named = root / json.loads((root / LATEST).read_text(encoding="utf-8"))["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return found
+    return [named, *(p for p in found if p != named)] if named.is_dir() else found
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """The loop position saved in ``ckpt`` (ValueError when the file is truncated or malformed)."""
+    try:
+        state = json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
+        TrainState(**state)  # every field present and known
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{Path(ckpt) / TRAINER_STATE} is unreadable: {e}") from e
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("history"), list):
+        raise ValueError(f"{Path(ckpt) / TRAINER_STATE} is malformed")
+    return state
+
+
+def latest_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(checkpoint dir, its trainer state)`` of the newest checkpoint whose trainer state reads,
+    or None (also when the main process is deleting stale checkpoints while another rank looks).
+    :meth:`Trainer.resume` then also reads the engine and RNG state back before it trusts one."""
+    for ckpt in checkpoint_candidates(out_dir):
+        try:
+            return ckpt, read_trainer_state(ckpt)
+        except (OSError, ValueError) as e:
+            log.warning("skipping checkpoint %s: %s", ckpt, e)
+    return None
 
 
 def run_fingerprint(cfg: TrainStageConfig, inputs: Sequence[Path], **context: Any) -> str:
@@ -243,37 +297,81 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically: every file goes to ``.tmp-step_N`` first and
+        the folder is renamed once complete, then ``latest.json`` moves; an interrupted save
+        leaves the previous checkpoints as they were. Keeps ``max(keep_checkpoints, 2)``."""
         root = self.out_dir / "checkpoints"
-        ckpt = root / f"step_{self.state.step:08d}"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        self.engine.save(ckpt)
-        torch.save(rng_state(), ckpt / f"rng_rank{self.dist.rank}.pt")
+        name = f"{STEP_PREFIX}{self.state.step:08d}"
+        ckpt, tmp = root / name, root / f"{TMP_PREFIX}{name}"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was interrupted
+            tmp.mkdir(parents=True)
+        self.engine.barrier()
+        self.engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         self.engine.barrier()
         if self.dist.is_main:
-            (ckpt / TRAINER_STATE).write_text(json.dumps(self.state.__dict__), encoding="utf-8")
-            tmp = root / (LATEST + ".tmp")
-            tmp.write_text(json.dumps({"dir": ckpt.name, "step": self.state.step}), encoding="utf-8")
-            tmp.replace(root / LATEST)  # the pointer moves only once the checkpoint is complete
-            old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != ckpt)
-            for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
+            (tmp / TRAINER_STATE).write_text(json.dumps(self.state.__dict__), encoding="utf-8")
+            if ckpt.exists():  # the same step written again (e.g. after a fallback): replace it
+                old = root / f"{TMP_PREFIX}old-{name}"
+                shutil.rmtree(old, ignore_errors=True)
+                ckpt.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(ckpt)
+            pointer = root / (LATEST + ".tmp")
+            pointer.write_text(json.dumps({"dir": ckpt.name, "step": self.state.step}), encoding="utf-8")
+            pointer.replace(root / LATEST)  # the pointer moves only once the checkpoint is complete
+            keep = max(self.cfg.keep_checkpoints, MIN_KEPT)
+            old = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p != ckpt), key=_step_of)
+            for p in old[: max(0, len(old) - (keep - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
         self.engine.barrier()
         log.info("checkpoint step %d -> %s", self.state.step, ckpt)
         return ckpt
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint in ``out_dir`` (if any); True when resumed."""
-        found = latest_checkpoint(self.out_dir)
-        if found is None:
-            return False
-        ckpt, state = found
-        self.engine.load(ckpt)
-        self.state = TrainState(**state)
-        rng_file = ckpt / f"rng_rank{self.dist.rank}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
-        log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", ckpt, self.state.step,
-                 self.state.epoch, self.state.micro_in_epoch)
-        return True
+    def _read_checkpoint(self, ckpt: Path, fingerprint: str | None) -> dict[str, Any]:
+        """Trainer state and RNG state of ``ckpt``, after reading its engine state back in full;
+        raises when any of them is truncated, refused or of another run."""
+        state = read_trainer_state(ckpt)
+        if fingerprint is not None and state.get("fingerprint") != fingerprint:
+            raise ValueError(f"written by another run (fingerprint {state.get('fingerprint')!r})")
+        self.engine.check(ckpt)
+        rng = load_tensors(ckpt / f"rng_rank{self.dist.rank}.pt")
+        if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+            raise ValueError(f"{ckpt / f'rng_rank{self.dist.rank}.pt'} is not an RNG state")
+        return {"trainer": state, "rng": rng}
+
+    def resume(self, fingerprint: str | None = None) -> bool:
+        """Load the newest intact checkpoint in ``out_dir`` (if any); True when resumed.
+
+        Each candidate (newest first) is read back in full before anything is applied; one that
+        is truncated, refused (not weights-only) or, with ``fingerprint``, of another run is
+        skipped with a warning naming it, and the main process renames it ``corrupt-step_N`` so
+        the retention never keeps it over an intact one. Every rank takes the same decision.
+        """
+        for ckpt in checkpoint_candidates(self.out_dir):
+            try:
+                loaded = self._read_checkpoint(ckpt, fingerprint)
+                error = None
+            except CHECKPOINT_READ_ERRORS as e:
+                loaded, error = None, e
+            if not self.engine.all_true(loaded is not None):
+                log.warning("checkpoint %s is unusable (%s): falling back to the previous checkpoint", ckpt,
+                            error or "unreadable on another rank")
+                self.engine.barrier()
+                if self.dist.is_main:
+                    aside = ckpt.with_name(CORRUPT_PREFIX + ckpt.name)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    ckpt.rename(aside)
+                self.engine.barrier()
+                continue
+            self.engine.load(ckpt)
+            self.state = TrainState(**loaded["trainer"])
+            set_rng_state(loaded["rng"])
+            log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", ckpt, self.state.step,
+                     self.state.epoch, self.state.micro_in_epoch)
+            return True
+        return False
 
     # ------------------------------------------------------------------ loop
     def fit(self, until_step: int | None = None) -> TrainSummary:

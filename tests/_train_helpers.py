@@ -118,3 +118,20 @@ def tiny_tagger(tag_names: list[str] | None = None, **overrides) -> TinyTagger:
 
 def dump_json(path: Path, data) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
+
+
+class CodeOnLoad:
+    """Unpickling this object runs code (writes ``marker``): a stand-in for a hostile checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def write_code_pickle(path: Path, marker: Path, **fields) -> Path:
+    """``torch.save`` a dict whose ``state_dict`` runs code when unpickled (other keys: ``fields``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**fields, "state_dict": {"conv.weight": CodeOnLoad(marker)}}, path)
+    return path

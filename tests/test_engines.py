@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from _train_helpers import TAGS, TinyTagger, make_split
+from _train_helpers import TAGS, TinyTagger, make_split, write_code_pickle
 from data_engine.formats import labels_path, list_shards
 from ram_model.data import AugmentConfig, TrainLoader, index_shards, load_label_table
 from ram_model.engines import WarmupCosine
-from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, seed_everything
+from ram_model.trainer import TRAINER_STATE, Trainer, TrainStageConfig, latest_checkpoint, seed_everything
 
 # Per-step loss tolerance between the two engines at world size 1. Both run torch's AdamW
 # (DeepSpeed with torch_adam) on the same fp32 graph; measured difference is 0.0 on CPU.
@@ -100,6 +101,89 @@ def test_resume_after_interruption_gives_identical_losses_and_weights(root, tmp_
     w1, w2 = straight.engine.module.state_dict(), second.engine.module.state_dict()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6)
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("engine,damage", [
+    ("torch", "engine_state"), ("torch", "trainer_state"), ("torch", "rng_state"), ("torch", "pickled_code"),
+    ("deepspeed", "engine_state"), ("deepspeed", "pickled_code"),
+])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(root, tmp_path, caplog, engine, damage):
+    """Killed after step 5 with checkpoints at 2 and 4; step 4 is then truncated (or one of its
+    files replaced by a pickle that runs code): the resume warns, takes step 2 and the run ends
+    exactly as the uninterrupted one, without ever running the pickled code."""
+    cfg = _cfg(engine=engine, zero_stage=2 if engine == "deepspeed" else 0, max_steps=8, checkpoint_every=2)
+    straight = _trainer(root, tmp_path / "straight", cfg)
+    full = straight.fit()
+    first = _trainer(root, tmp_path / "killed", cfg)
+    first.fit(until_step=5)
+    del first
+    step4 = tmp_path / "killed" / "checkpoints" / "step_00000004"
+    engine_file = (step4 / "torch_engine.pt" if engine == "torch"
+                   else next((step4 / "engine").glob("*optim_states.pt")))
+    marker = tmp_path / "marker"
+    if damage == "engine_state":
+        _truncate(engine_file)
+    elif damage == "trainer_state":
+        _truncate(step4 / TRAINER_STATE)
+    elif damage == "rng_state":
+        _truncate(step4 / "rng_rank0.pt")
+    else:
+        write_code_pickle(engine_file, marker)
+    torch.manual_seed(12345)  # scramble every RNG: the resume must restore them
+    random.seed(6789)
+    np.random.seed(42)
+    second = _trainer(root, tmp_path / "killed", cfg)
+    with caplog.at_level(logging.WARNING, logger="ram_model.trainer"):
+        assert second.resume() and second.state.step == 2
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if r.levelno == logging.WARNING and r.name == "ram_model.trainer"]
+    assert "step_00000004" in warning and "falling back" in warning
+    rest = second.fit()
+    assert rest.steps == 8
+    np.testing.assert_allclose(_losses(rest), _losses(full), rtol=0, atol=1e-6)
+    w1, w2 = straight.engine.module.state_dict(), second.engine.module.state_dict()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6)
+    names = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert names == ["corrupt-step_00000004", "latest.json", "step_00000006", "step_00000008"]
+    assert not marker.exists()
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_as_latest(root, tmp_path, monkeypatch):
+    """A save killed half-way (engine state half written) publishes nothing: no step folder, the
+    pointer unchanged, and the resume continues from the last complete checkpoint."""
+    cfg = _cfg(max_steps=8, checkpoint_every=2)
+    t = _trainer(root, tmp_path / "run", cfg)
+    t.fit(until_step=2)
+    real_save = t.engine.save
+
+    def dies_half_way(ckpt_dir):
+        real_save(ckpt_dir)
+        _truncate(ckpt_dir / "torch_engine.pt")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(t.engine, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(until_step=4)
+    root_dir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root_dir.glob("step_*")) == ["step_00000002"]
+    assert latest_checkpoint(tmp_path / "run")[1]["step"] == 2
+    again = _trainer(root, tmp_path / "run", cfg)
+    assert again.resume() and again.state.step == 2
+    assert again.fit().steps == 8
+    assert sorted(p.name for p in root_dir.iterdir()) == ["latest.json", "step_00000006", "step_00000008"]
+
+
+def test_keeps_at_least_two_checkpoints(root, tmp_path):
+    t = _trainer(root, tmp_path / "run", _cfg(max_steps=6, checkpoint_every=2, keep_checkpoints=1))
+    t.fit()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [
+        "step_00000004", "step_00000006"]
 
 
 def test_checkpoints_every_n_steps_and_keeps_the_latest(root, tmp_path):

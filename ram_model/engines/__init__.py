@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import socket
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,38 @@ from torch import nn
 
 EngineKind = Literal["torch", "deepspeed"]
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file that ``torch.load(..., weights_only=True)`` refuses: it pickles objects (code) that
+    are not tensors or primitive containers, so it is never unpickled."""
+
+
+# What a truncated or otherwise unreadable checkpoint file raises while it is loaded.
+CHECKPOINT_READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError,
+                          pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def load_tensors(path: str | os.PathLike, map_location: Any = "cpu", allowed: list | None = None) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and primitive containers only.
+
+    ``allowed`` names further classes that may be rebuilt (e.g. an enum of a library's own
+    checkpoints); they are added for this call only. A file holding anything else raises
+    :class:`UnsafeCheckpointError` (no code of it runs).
+    """
+    try:
+        if allowed:
+            with torch.serialization.safe_globals(list(allowed)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reasons = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        if not reasons:
+            raise  # a garbled file, not a refused one
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it pickles objects other than tensors and primitive containers, "
+            f"which could run code ({reasons[0].split('. Please')[0].strip()}). ramflow reads checkpoints with "
+            f"torch.load(weights_only=True) only; re-export the model with ramflow") from None
 
 
 @dataclass(frozen=True)
@@ -175,8 +209,27 @@ class Engine(ABC):
     def load(self, ckpt_dir: Path) -> None:
         """Restore what :meth:`save` wrote (every rank calls)."""
 
+    def check(self, ckpt_dir: Path) -> None:
+        """Read back everything :meth:`load` would read from ``ckpt_dir`` without applying it
+        (raises one of :data:`CHECKPOINT_READ_ERRORS` when a file is truncated or refused)."""
+        files = sorted(p for p in Path(ckpt_dir).rglob("*.pt") if p.is_file())
+        if not files:
+            raise FileNotFoundError(f"no engine state in {ckpt_dir}")
+        for f in files:
+            load_tensors(f)
+
     @abstractmethod
     def current_lr(self) -> float: ...
+
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank (so every rank takes the same decision)."""
+        import torch.distributed as tdist
+
+        if self.dist.world_size == 1 or not tdist.is_initialized():
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self._comm_device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t.item())
 
     def barrier(self) -> None:
         import torch.distributed as tdist

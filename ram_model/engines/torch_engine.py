@@ -16,6 +16,7 @@ from ram_model.engines import (
     EngineSettings,
     default_device,
     ensure_process_group,
+    load_tensors,
     make_scheduler,
     move_to,
     param_groups,
@@ -81,6 +82,9 @@ class TorchEngine(Engine):
         return stats
 
     def save(self, ckpt_dir: Path) -> None:
+        """Model, AdamW and scheduler state: tensors and primitives only (the scheduler's
+        ``WarmupCosine`` is saved as its attribute dict), so :meth:`load` reads it with
+        ``weights_only=True``."""
         if not self.dist.is_main:  # DDP keeps every rank's weights and optimizer identical
             return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +95,14 @@ class TorchEngine(Engine):
         }
         torch.save(state, ckpt_dir / STATE_FILE)
 
+    def check(self, ckpt_dir: Path) -> None:
+        state = load_tensors(ckpt_dir / STATE_FILE)
+        missing = {"model", "optimizer", "scheduler"} - set(state)
+        if missing:
+            raise KeyError(f"{ckpt_dir / STATE_FILE} lacks {sorted(missing)}")
+
     def load(self, ckpt_dir: Path) -> None:
-        state = torch.load(ckpt_dir / STATE_FILE, map_location=self.device, weights_only=False)
+        state = load_tensors(ckpt_dir / STATE_FILE, map_location=self.device)
         self._model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
