@@ -5,7 +5,9 @@ and writes one JSON list of tags per line, in order, flushing after every micro-
 micro-batch is whatever has arrived when the parser is free (at most ``batch_size`` lines),
 so a persistent caller that writes N lines and waits for N answers never blocks. With
 ``--label-system DIR`` tags are normalized to canonical label names; tags the label system
-cannot map are dropped (``--unmapped keep`` keeps them as parsed).
+cannot map are dropped (``--unmapped keep`` keeps them as parsed). Input is read as bytes:
+invalid UTF-8 is replaced (U+FFFD) and counted (``bad_utf8`` in the closing log line), so every
+input line gets its output line.
 
 ``ramflow parse --split S``: the pipeline stage, raw shards -> ``parsed/S.parquet``.
 ``ramflow labels build`` / ``ramflow labels assign --split S``: the label-system stages.
@@ -100,55 +102,98 @@ def _cmd_parse(args: argparse.Namespace) -> int:
                                   formats.parsed_path(root, split), cfg, extra)
             print(json.dumps({"split": split, **summary.as_dict()}))
         return 0
-    fin = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    fout = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    # Bytes in: each line is decoded here, bad UTF-8 replaced and counted (never a crash).
+    fin = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
+    if args.output == "-":
+        sys.stdout.reconfigure(encoding="utf-8")  # tags may hold U+FFFD or other non-ASCII
+        fout = sys.stdout
+    else:
+        fout = open(args.output, "w", encoding="utf-8")
     try:
         stats = serve_lines(fin, fout, cfg, label_system, args.unmapped == "keep",
                             args.with_categories, extra)
     finally:
-        if fin is not sys.stdin:
+        if fin is not sys.stdin.buffer:
             fin.close()
         if fout is not sys.stdout:
             fout.close()
+    if stats.get("bad_utf8"):
+        log.warning("parse: %d input lines had invalid UTF-8 (bytes replaced by U+FFFD)",
+                    stats["bad_utf8"])
     log.info("parse: %s", json.dumps(stats))
     return 0
+
+
+def decode_line(raw: bytes | str) -> tuple[str, bool]:
+    """``(text, had_bad_utf8)`` of one input line, without its line ending.
+
+    Invalid UTF-8 bytes become U+FFFD (``errors="replace"``): one bad byte must cost one
+    caption's quality, never the stream.
+    """
+    if isinstance(raw, str):
+        return raw.rstrip("\r\n"), False
+    raw = raw.rstrip(b"\r\n")
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
 
 
 def serve_lines(fin, fout, cfg, label_system=None, keep_unmapped: bool = False,
                 with_categories: bool = False, extra_compounds=()) -> dict:
     """Read lines from ``fin``, write one JSON list per line to ``fout`` (flushed per batch).
 
-    A reader thread queues lines; the parser takes whatever is queued (up to ``batch_size``,
-    at least one line), so output never waits for input that is not coming.
+    ``fin`` yields bytes (decoded by :func:`decode_line`: bad UTF-8 replaced and counted as
+    ``bad_utf8``) or already-decoded str. A reader thread queues lines; the parser takes
+    whatever is queued (up to ``batch_size``, at least one line), so output never waits for
+    input that is not coming. Anything the reader raises is handed to the main thread and
+    re-raised there, so a failed read ends the command instead of leaving it waiting.
     """
+    import time
+
     from data_engine.parsing import ParserPool, ParseSummary
 
     lines: queue.Queue = queue.Queue(maxsize=8 * cfg.batch_size)
     done = object()
 
+    class _ReaderFailed:  # queued in place of a line when the reader raises
+        def __init__(self, err: BaseException):
+            self.err = err
+
     def reader() -> None:
-        for line in fin:
-            lines.put(line.rstrip("\r\n"))
+        try:
+            for raw in fin:
+                lines.put(raw)
+        except BaseException as err:  # noqa: BLE001 - re-raised by the main thread
+            lines.put(_ReaderFailed(err))
+            return
         lines.put(done)
 
     summary = ParseSummary()
     with ParserPool(cfg, extra_compounds) as pool:  # workers start before the reader thread
-        threading.Thread(target=reader, daemon=True).start()
+        start = time.perf_counter()  # throughput without the model's load time
+        threading.Thread(target=reader, daemon=True, name="parse-reader").start()
         finished = False
         while not finished:
             batch = [lines.get()]
-            while len(batch) < cfg.batch_size:
+            while len(batch) < cfg.batch_size and batch[-1] is not done \
+                    and not isinstance(batch[-1], _ReaderFailed):
                 try:
                     batch.append(lines.get_nowait())
                 except queue.Empty:
                     break
-            if batch[-1] is done:
+            failed = batch.pop() if isinstance(batch[-1], _ReaderFailed) else None
+            if failed is not None or batch[-1:] == [done]:
                 finished = True
-                batch.pop()
-            if not batch:
-                break
+                if failed is None:
+                    batch.pop()
+            texts = []
+            for raw in batch:
+                text, bad = decode_line(raw)
+                summary.bad_utf8 += bad
+                texts.append(text)
             out = []
-            for res in pool.parse_batch(batch):
+            for res in pool.parse_batch(texts):
                 summary.update(res)
                 tags, cats = res.tags, res.categories
                 if label_system is not None:
@@ -157,6 +202,9 @@ def serve_lines(fin, fout, cfg, label_system=None, keep_unmapped: bool = False,
                                       else tags, ensure_ascii=False) + "\n")
             fout.write("".join(out))
             fout.flush()
+            summary.seconds = time.perf_counter() - start
+            if failed is not None:  # the lines read before the failure were answered above
+                raise RuntimeError(f"reading the captions failed: {failed.err!r}") from failed.err
     return summary.as_dict()
 
 

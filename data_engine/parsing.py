@@ -487,6 +487,7 @@ class ParseSummary:
     tags: int = 0
     tags_by_category: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     no_tags: int = 0
+    bad_utf8: int = 0                   # input lines whose invalid UTF-8 bytes were replaced
     seconds: float = 0.0
     out: str = ""
 
