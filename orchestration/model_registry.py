@@ -4,10 +4,15 @@ The gate: a new model version gets the ``challenger`` alias; it also gets ``cham
 there is no champion yet or ``challenger metric >= champion metric - tolerance``. The metric
 of each version is stored as a version tag (``registry.metric``, e.g. ``mAP``), so the gate
 compares numbers measured by the evaluation stage, never re-computed ones.
+
+Registration is idempotent: each version is tagged ``ramflow.fingerprint`` (the model file's
+content hash and the evaluation it was gated on, :func:`registration_fingerprint`); registering
+the same fingerprint again returns that version and moves no alias, unless ``force`` is set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,6 +25,7 @@ from .settings import RegistryConfig, StageEnv
 log = logging.getLogger(__name__)
 
 PIPELINE_RUN_FILE = "pipeline_run.json"
+FINGERPRINT_TAG = "ramflow.fingerprint"
 
 
 def _client(env: StageEnv):
@@ -121,14 +127,54 @@ def champion(env: StageEnv, cfg: RegistryConfig) -> tuple[str, float] | None:
     return mv.version, float(value) if value is not None else float("-inf")
 
 
+def registration_fingerprint(model_sha256: str, metric: str, value: float, evaluation: dict | None = None) -> str:
+    """Short sha256 naming one registration: the model file's content hash, the gate's metric and
+    value and the evaluation metrics measured on the test data (the data/params side)."""
+    spec = {"model": model_sha256, "metric": metric, "value": repr(float(value)), "evaluation": evaluation or {}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_version(env: StageEnv, cfg: RegistryConfig, fingerprint: str):
+    """The newest version of ``cfg.model_name`` tagged with ``fingerprint``, or None."""
+    client = _client(env)
+    try:
+        versions = client.search_model_versions(f"name='{cfg.model_name}'")
+    except Exception:  # noqa: BLE001 - no such registered model yet
+        return None
+    hits = [mv for mv in versions if mv.tags.get(FINGERPRINT_TAG) == fingerprint]
+    return max(hits, key=lambda mv: int(mv.version)) if hits else None
+
+
+def _reused_decision(env: StageEnv, cfg: RegistryConfig, mv, model_uri: str, value: float) -> RegistryDecision:
+    current = champion(env, cfg)
+    promoted = mv.tags.get("ramflow.promoted") == "true"
+    log.info("%s v%s already holds this model and evaluation (%s): no new version, aliases unchanged",
+             cfg.model_name, mv.version, mv.tags.get(FINGERPRINT_TAG))
+    return RegistryDecision(
+        model_name=cfg.model_name, version=str(mv.version), model_uri=model_uri, metric=cfg.metric,
+        challenger_value=float(value), champion_version=current[0] if current else None,
+        champion_value=current[1] if current else None, tolerance=cfg.tolerance, promoted=promoted,
+        reason=f"unchanged: v{mv.version} already registered for this model and evaluation "
+               f"({'promoted' if promoted else 'not promoted'} then); set force to register again",
+    )
+
+
 def register_and_gate(env: StageEnv, cfg: RegistryConfig, model_uri: str, value: float,
-                      run_id: str | None = None) -> RegistryDecision:
-    """Register ``model_uri`` as a new version (alias challenger) and apply the gate."""
+                      run_id: str | None = None, fingerprint: str | None = None) -> RegistryDecision:
+    """Register ``model_uri`` as a new version (alias challenger) and apply the gate.
+
+    With ``fingerprint`` (:func:`registration_fingerprint`), a version already tagged with it is
+    returned as it is (no new version, no alias moved) unless ``cfg.force``."""
     import mlflow
 
     client = _client(env)
+    if fingerprint and not cfg.force:
+        existing = find_version(env, cfg, fingerprint)
+        if existing is not None:
+            return _reused_decision(env, cfg, existing, model_uri, value)
     current = champion(env, cfg)
-    mv = mlflow.register_model(model_uri, cfg.model_name, tags={cfg.metric: repr(float(value))})
+    tags = {cfg.metric: repr(float(value)), **({FINGERPRINT_TAG: fingerprint} if fingerprint else {})}
+    mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
     client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, mv.version)
     promoted, reason = gate(float(value), current[1] if current else None, cfg.tolerance)
     if promoted:

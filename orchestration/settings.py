@@ -36,6 +36,9 @@ class RegistryConfig(BaseModel):
     tolerance: float = Field(
         0.0, ge=0.0, description="promote when challenger metric >= champion metric - tolerance"
     )
+    force: bool = Field(
+        False, description="register a new version even when this model and evaluation already have one"
+    )
 
 
 def paths_config(params_path: str | os.PathLike | None = None) -> PathsConfig:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# stages that skip work whose inputs are unchanged, and take ``force`` to redo it
+FORCEABLE = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model", "registered_model")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from .pipeline import STAGE_NAMES
@@ -22,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--keys", default="", help="comma-separated shard partitions (partitioned stages; default all)")
     p.add_argument("--no-checks", action="store_true", help="skip the stage's blocking quality gates")
+    p.add_argument("--force", action="store_true",
+                   help="training stages and registered_model: redo even when inputs are unchanged "
+                        "(new MLflow run / registry version)")
     p.set_defaults(func=_cmd_stage)
 
     r = subparsers.add_parser("run", help="materialize the whole pipeline with Dagster (in process)")
@@ -54,7 +60,9 @@ def _cmd_stage(args) -> int:
 
     env = _env(args)
     keys = [k for k in args.keys.split(",") if k] or None
-    outcome = run_stage(args.name, env, keys)
+    if args.force and args.name not in FORCEABLE:
+        raise SystemExit(f"--force applies to {', '.join(FORCEABLE)}, not {args.name}")
+    outcome = run_stage(args.name, env, keys, {"force": True} if args.force else None)
     print(json.dumps({"stage": args.name, "seconds": round(outcome.seconds, 1), **outcome.metrics}, default=str))
     if args.no_checks:
         return 0

@@ -23,7 +23,7 @@ from typing import Any
 from data_engine import formats
 from data_engine.params import load_params, stage_config
 
-from .model_registry import pipeline_run_id, register_and_gate, write_json
+from .model_registry import pipeline_run_id, register_and_gate, registration_fingerprint, write_json
 from .partitions import group_by_split, shard_key, shard_keys
 from .pipeline import STAGE_NAMES, plots_dir, report_path
 from .settings import StageEnv, registry_config
@@ -248,8 +248,8 @@ def _train(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
     metrics: dict[str, Any] = {}
     _flat("", _jsonable(result.metrics), metrics)
     plots = [str(p) for p in _training_plots(env, stage)]
-    return StageOutcome(stage, metrics, {"checkpoint": str(result.checkpoint), "parent_run_id": parent},
-                        plots, result.mlflow_run_id)
+    return StageOutcome(stage, metrics, {"checkpoint": str(result.checkpoint), "parent_run_id": parent,
+                                         "reused": result.reused}, plots, result.mlflow_run_id)
 
 
 def _launch_training(env: StageEnv, cfg, out_dir: Path, labels: Path, init_from: Path | None, parent: str):
@@ -292,11 +292,21 @@ def run_finetuned_model(env, keys=None, overrides=None) -> StageOutcome:
     from ram_model.serving import log_pyfunc
 
     model_dir = formats.model_dir(env.data_root, "finetuned_model")
-    info = log_pyfunc(model_dir, run_id=outcome.mlflow_run_id, tracking_uri=env.tracking_uri(),
-                      data_root=env.data_root)
+    logged = _logged_model(model_dir, outcome)
+    info = logged or log_pyfunc(model_dir, run_id=outcome.mlflow_run_id, tracking_uri=env.tracking_uri(),
+                                data_root=env.data_root)
     outcome.details["model_uri"] = info
     write_json(model_dir / "mlflow_model.json", {"run_id": outcome.mlflow_run_id, "model_uri": info})
     return outcome
+
+
+def _logged_model(model_dir: Path, outcome: StageOutcome) -> str | None:
+    """The pyfunc already logged for this very training run (the stage was reused), else None."""
+    path = model_dir / "mlflow_model.json"
+    if not outcome.details.get("reused") or not path.exists():
+        return None
+    logged = json.loads(path.read_text(encoding="utf-8"))
+    return logged.get("model_uri") if logged.get("run_id") == outcome.mlflow_run_id else None
 
 
 def run_engine_cleaned_data(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
@@ -413,7 +423,11 @@ def run_registered_model(env: StageEnv, keys=None, overrides=None) -> StageOutco
     model = json.loads((formats.model_dir(env.data_root, "finetuned_model") / "mlflow_model.json").read_text())
     evaluation = json.loads(report_path(env.data_root, "evaluation_report").read_text())
     value = float(evaluation["metrics"][cfg.metric])
-    decision = register_and_gate(env, cfg, model["model_uri"], value, model.get("run_id"))
+    from ram_model.checkpoint import file_sha256
+
+    fingerprint = registration_fingerprint(file_sha256(formats.model_dir(env.data_root, "finetuned_model")),
+                                           cfg.metric, value, evaluation["metrics"])
+    decision = register_and_gate(env, cfg, model["model_uri"], value, model.get("run_id"), fingerprint)
     write_json(env.data_root / "registry" / "decision.json", decision.to_dict())
     metrics = {"version": int(decision.version), "promoted": decision.promoted,
                f"challenger_{cfg.metric}": decision.challenger_value,

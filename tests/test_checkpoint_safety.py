@@ -88,3 +88,23 @@ def test_a_stage_with_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(
     for k, v in load_state_dict(again.checkpoint).items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6)
     assert not marker.exists()
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    """No call of torch.load without ``weights_only=True`` in the project's packages."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for package in ("ram_model", "data_engine", "orchestration", "bench"):
+        for path in sorted((repo / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                func = getattr(node, "func", None)
+                if not (isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr == "load"
+                        and isinstance(func.value, ast.Name) and func.value.id == "torch"):
+                    continue
+                value = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert offenders == []

@@ -37,10 +37,10 @@ def _dagster_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
 
 
-def _materialize(defs: dg.Definitions, selection, instance) -> dg.ExecuteInProcessResult:
+def _materialize(defs: dg.Definitions, selection, instance, run_config=None) -> dg.ExecuteInProcessResult:
     """Materialize a selection of ``defs`` (its resolved assets carry its resources)."""
     return dg.materialize(list(defs.resolve_asset_graph().assets_defs), selection=selection,
-                          instance=instance, raise_on_error=False)
+                          instance=instance, raise_on_error=False, run_config=run_config)
 
 
 def _tiny_params(tmp_path: Path, **sections) -> Path:
@@ -241,9 +241,33 @@ def test_champion_is_registered_and_serves(tiny_run):
     assert len(out) == 3 and all(set(t) == names for t in out["tags"])
 
 
+def test_rematerializing_unchanged_stages_reuses_their_runs_and_version(tiny_run):
+    """Same data and model: no new training run, no new registry version, champion unchanged."""
+    import mlflow
+
+    from orchestration.definitions import build_definitions
+    from orchestration.resources import RamflowStorage
+
+    first, _, env, instance, params = tiny_run
+    runs = {e.asset_key.to_user_string(): e.materialization.metadata["mlflow_run_id"].value
+            for e in first.get_asset_materialization_events() if e.asset_key.to_user_string() in MODEL_ASSETS}
+    client = mlflow.MlflowClient(env.tracking_uri(), env.tracking_uri())
+    defs = build_definitions(params, resources={
+        "storage": RamflowStorage(params_path=str(params), data_root=str(env.data_root))})
+    again = _materialize(defs, ["preliminary_model", "finetuned_model", "registered_model"], instance)
+    assert again.success
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in again.get_asset_materialization_events()}
+    assert meta["preliminary_model"]["mlflow_run_id"].value == runs["preliminary_model"]
+    assert meta["finetuned_model"]["mlflow_run_id"].value == runs["finetuned_model"]
+    assert meta["registered_model"]["version"].value == 1
+    assert [str(v.version) for v in client.search_model_versions("name='ram-tagger'")] == ["1"]
+    assert str(client.get_model_version_by_alias("ram-tagger", "champion").version) == "1"
+
+
 def test_worse_challenger_is_not_promoted(tiny_run):
     """Raise the champion's recorded mAP above anything reachable; re-registering the same
-    model makes it challenger only, and the blocking check fails the run."""
+    model (forced: it is already registered) makes it challenger only, and the blocking check
+    fails the run."""
     import mlflow
 
     from orchestration.definitions import build_definitions
@@ -254,7 +278,8 @@ def test_worse_challenger_is_not_promoted(tiny_run):
     client.set_model_version_tag("ram-tagger", "1", "mAP", "2.0")
     defs = build_definitions(params, resources={
         "storage": RamflowStorage(params_path=str(params), data_root=str(env.data_root))})
-    result = _materialize(defs, ["registered_model"], instance)
+    result = _materialize(defs, ["registered_model"], instance,
+                          {"ops": {"registered_model": {"config": {"overrides_yaml": "force: true"}}}})
     assert not result.success
     (check,) = result.get_asset_check_evaluations()
     assert check.check_name == "not_worse_than_champion" and not check.passed
