@@ -147,3 +147,7 @@ def register(subparsers) -> None:
     from ram_model.train_cli import register as register_train  # `ramflow train` (training package)
 
     register_train(subparsers)
+
+    from ram_model.onnx_export import register as register_onnx  # `ramflow export-onnx`
+
+    register_onnx(subparsers)
