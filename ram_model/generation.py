@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _decoder_stack(dim: int, heads: int, ffn: int, layers: int, dropout: float) -> nn.ModuleList:
@@ -89,4 +90,195 @@ class CaptionDecoder(nn.Module):
             done |= nxt == eos_id
             if bool(done.all()):
                 break
+        return ids
+
+
+# --------------------------------------------------------------------------- official layout
+# BERT layers computed and named like the released RAM / Tag2Text checkpoints (post-LN, exact
+# GELU, LayerNorm eps from the config, cross-attention keys/values of their own width), used by
+# ram_model.official. Within a layer the names are BERT's (``attention.self.query``,
+# ``crossattention.output.LayerNorm``, ``intermediate.dense``, ``output.dense``), so the importer
+# only renames the containers (``encoder.layer.N`` -> ``layers.N``). The default configs never
+# build these classes: their outputs do not change.
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention with separate query / key / value projections (keys of width ``kv_dim``)."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not a multiple of {heads} heads")
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, Lq, D], kv [B or 1, Lk, Dkv], mask additive [B or 1, 1, Lq or 1, Lk] or None -> [B, Lq, D]
+        b, lq, d = x.shape
+        h = self.heads
+        q = self.query(x).view(b, lq, h, d // h).transpose(1, 2)  # [B, H, Lq, d]
+        k = self.key(kv).view(kv.shape[0], kv.shape[1], h, d // h).transpose(1, 2)  # [B, H, Lk, d]
+        v = self.value(kv).view(kv.shape[0], kv.shape[1], h, d // h).transpose(1, 2)
+        if k.shape[0] != b:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(b, lq, d)
+
+
+class BertResidualOutput(nn.Module):
+    """``LayerNorm(dense(x) + residual)`` (BERT's ``*.output`` modules)."""
+
+    def __init__(self, in_dim: int, dim: int, eps: float, dropout: float = 0.0):
+        super().__init__()
+        self.dense = nn.Linear(in_dim, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)  # noqa: N815 - checkpoint name
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    """Attention (``self``) + residual output (``output``)."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, eps: float, dropout: float = 0.0):
+        super().__init__()
+        self.self = BertSelfAttention(dim, kv_dim, heads, dropout)
+        self.output = BertResidualOutput(dim, dim, eps, dropout)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.self(x, kv, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as BERT's "gelu"
+
+
+class BertLayer(nn.Module):
+    """Post-LN BERT layer: [self-attention] -> [cross-attention over ``memory``] -> FFN.
+
+    RAM's recognition decoder (``tagging_head``) has no self-attention; the image-tag encoder and
+    the caption decoder have both."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, eps: float, kv_dim: int | None,
+                 self_attention: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.attention = BertAttention(dim, dim, heads, eps, dropout) if self_attention else None
+        self.crossattention = BertAttention(dim, kv_dim, heads, eps, dropout) if kv_dim else None
+        self.intermediate = BertIntermediate(dim, ffn)
+        self.output = BertResidualOutput(ffn, dim, eps, dropout)
+
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, L, D]; memory [B, M, Dkv]; masks additive (0 / large negative), broadcastable to [B, H, L, *]
+        if self.attention is not None:
+            x = self.attention(x, x, self_mask)
+        if self.crossattention is not None:
+            x = self.crossattention(x, memory, memory_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings -> LayerNorm (positions are computed, not stored)."""
+
+    def __init__(self, vocab_size: int, dim: int, max_positions: int, eps: float, dropout: float = 0.0):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.position_embeddings = nn.Embedding(max_positions, dim)
+        self.LayerNorm = nn.LayerNorm(dim, eps=eps)  # noqa: N815 - checkpoint name
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        pos = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(pos)[None]))
+
+
+MASK_NEGATIVE = -10000.0  # BERT's additive value for masked keys
+
+
+def padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask [B, L]`` (1 = real) -> additive ``[B, 1, 1, L]``."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_NEGATIVE
+
+
+class OfficialTagEncoder(nn.Module):
+    """RAM / Tag2Text image-tag interaction encoder: BERT over the tag text ("[ENC] dog | grass"),
+    each layer cross-attending to all image tokens."""
+
+    def __init__(self, vocab_size: int, dim: int, heads: int, ffn: int, layers: int, kv_dim: int,
+                 max_positions: int = 512, eps: float = 1e-12, dropout: float = 0.0):
+        super().__init__()
+        self.embeddings = BertEmbeddings(vocab_size, dim, max_positions, eps, dropout)
+        self.layers = nn.ModuleList(BertLayer(dim, heads, ffn, eps, kv_dim, True, dropout) for _ in range(layers))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        # ids, mask [B, L]; image_tokens [B, N, Dkv] -> [B, L, D]
+        x = self.embeddings(ids)
+        self_mask = padding_mask(mask, x.dtype)
+        for layer in self.layers:
+            x = layer(x, self_mask, image_tokens, None)
+        return x
+
+
+class BertLMHead(nn.Module):
+    """``dense -> GELU -> LayerNorm`` then the (tied) word embeddings + a bias -> vocabulary logits."""
+
+    def __init__(self, dim: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(dim, dim)
+        self.transform.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return F.linear(x, word_embeddings, self.bias)  # [B, L, V]
+
+
+class OfficialCaptionDecoder(nn.Module):
+    """RAM / Tag2Text caption decoder: causal BERT cross-attending to the tag encoder's output,
+    LM head tied to the word embeddings."""
+
+    def __init__(self, vocab_size: int, dim: int, heads: int, ffn: int, layers: int,
+                 max_positions: int = 512, eps: float = 1e-12, dropout: float = 0.0):
+        super().__init__()
+        self.embeddings = BertEmbeddings(vocab_size, dim, max_positions, eps, dropout)
+        self.layers = nn.ModuleList(BertLayer(dim, heads, ffn, eps, dim, True, dropout) for _ in range(layers))
+        self.lm_head = BertLMHead(dim, vocab_size, eps)
+
+    def forward(self, ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # ids [B, L], mask [B, L] (1 = real) -> logits [B, L, V]; memory [B, M, D]. Like the official
+        # decoder, every memory position is attended (its padding included): memory_mask is unused.
+        x = self.embeddings(ids)
+        length = ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        keep = causal[None, None] if mask is None else causal[None, None] & mask[:, None, None, :].bool()
+        self_mask = (~keep).to(x.dtype) * MASK_NEGATIVE  # [B or 1, 1, L, L]
+        for layer in self.layers:
+            x = layer(x, self_mask, memory, None)
+        return self.lm_head(x, self.embeddings.word_embeddings.weight)
+
+    @torch.no_grad()
+    def greedy(self, memory: torch.Tensor, prompt: torch.Tensor, eos_id: int, pad_id: int,
+               max_len: int, min_len: int = 0) -> torch.Tensor:
+        """Greedy decoding after ``prompt [B, P]`` -> ids ``[B, <=max_len]`` (prompt included),
+        EOS suppressed before ``min_len`` tokens, padded after EOS."""
+        ids = prompt
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        while ids.shape[1] < max_len and not bool(done.all()):
+            logits = self.forward(ids, memory)[:, -1]  # [B, V]
+            if ids.shape[1] < min_len:
+                logits[:, eos_id] = float("-inf")
+            nxt = torch.where(done, torch.full_like(logits[:, 0], pad_id, dtype=torch.long), logits.argmax(-1))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == eos_id
         return ids

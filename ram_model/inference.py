@@ -41,8 +41,9 @@ def preprocess(images: Sequence[Image.Image], data_config: dict) -> torch.Tensor
     arrays = []
     for img in images:
         img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BICUBIC)
+        if img.size != (size, size):  # imported official models resize bilinearly, as their code did
+            img = img.resize((size, size), Image.BILINEAR if data_config.get("interpolation") == "bilinear"
+                             else Image.BICUBIC)
         arr = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std  # [S, S, 3]
         arrays.append(arr.transpose(2, 0, 1))
     if not arrays:

@@ -111,6 +111,14 @@ class RamConfig:
     distill_loss_weight: float = 1.0
     tag_loss_rescale: str = "ram"  # "ram": scale tag loss to the caption loss' magnitude; "none"
     default_threshold: float = 0.68  # RAM's default tagging threshold
+    # Official RAM / RAM++ / Tag2Text layout (ram_model.official): "ramflow" builds RamModel,
+    # "official" builds OfficialRamModel (BERT layers named and computed like the released
+    # checkpoints, so `ramflow import-official` maps every key onto it).
+    layout: str = "ramflow"
+    official_arch: str = ""  # "ram" | "ram_plus" | "tag2text" (layout "official" only)
+    layer_norm_eps: float = 1e-12  # LayerNorm eps of the official BERT layers
+    descriptions_per_tag: int = 1  # RAM++: 51 description embeddings per tag, reweighted per image
+    tag_descriptions: str | None = None  # RAM++: JSON [{tag: [descriptions]}] embedded for new tags
 
     @property
     def distill_enabled(self) -> bool:
@@ -179,7 +187,53 @@ def _configs() -> dict[str, RamConfig]:
         caption_ffn=512,
         word_vocab_size=8000,
     )
-    return {c.name: c for c in (swin_l, swin_b, tiny, effnet)}
+    return {c.name: c for c in (swin_l, swin_b, tiny, effnet, *_official_configs())}
+
+
+def _official_configs() -> tuple[RamConfig, ...]:
+    """Layouts of the released RAM (Swin-L), RAM++ (Swin-L) and Tag2Text (Swin-B) checkpoints,
+    plus tiny variants of each (small Swin, narrow BERT) for CPU tests of the same code paths.
+
+    Image tokens: Swin (window 12 at 384 px) -> ``image_proj`` to 512 (Tag2Text: the 1024-d Swin-B
+    tokens directly). Tag queries: 512-d CLIP ViT-B/16 text embeddings (``label_embed``) ->
+    ``wordvec_proj`` (Tag2Text: a learned 768-d embedding per tag). Recognition: 2 BERT layers with
+    cross-attention only (4 heads, FFN 3072, LayerNorm eps 1e-12). Captioning (RAM, Tag2Text): a
+    12-layer BERT image-tag encoder and a 12-layer BERT decoder over bert-base-uncased + [DEC]/[ENC].
+    """
+    ram = RamConfig(
+        name="ram_official_swin_l_384",
+        backbone="swin_large_patch4_window12_384",
+        image_size=384,
+        image_dim=512,
+        # CLIP ViT-B/16's text tower (open_clip), RAM's open-set prompts; "open_clip_ram:<weights
+        # file>" or $RAMFLOW_OPEN_CLIP_WEIGHTS names the local weights (none ship with ramflow).
+        text_encoder="open_clip_ram",
+        text_dim=512,
+        tokenizer="wordpiece_official",
+        max_caption_len=40,
+        layout="official",
+        official_arch="ram",
+        prompt_templates=("{}",),  # the encoder expands each name with RAM's 63 templates
+        tag_loss_rescale="none",
+        asl_reduction="sum",
+    )
+    ram_plus = dataclasses.replace(ram, name="ram_plus_official_swin_l_384", official_arch="ram_plus",
+                                   caption=False, descriptions_per_tag=51)
+    tag2text = dataclasses.replace(ram, name="tag2text_official_swin_b_384", official_arch="tag2text",
+                                   backbone="swin_base_patch4_window12_384", image_dim=1024, text_dim=768,
+                                   text_encoder="none")
+    # Tiny: Swin 16-d at 96 px (windows of 3 on a 24/12/6/3 grid: shifted windows and patch
+    # merging are exercised), 32-d BERT layers; same classes and key names as the full models.
+    tiny_kwargs = {"img_size": 96, "window_size": 3, "embed_dim": 16, "depths": [2, 2, 2, 2],
+                   "num_heads": [1, 2, 2, 4]}
+    tiny = dict(backbone="swin_tiny_patch4_window7_224", backbone_kwargs=tiny_kwargs, image_size=96,
+                image_dim=24, text_dim=24, decoder_dim=32, decoder_heads=4, decoder_ffn=64, caption_dim=32,
+                caption_heads=4, caption_ffn=64, interaction_layers=2, caption_layers=2, max_caption_len=24)
+    ram_tiny = dataclasses.replace(ram, name="ram_official_tiny", **tiny)
+    ram_plus_tiny = dataclasses.replace(ram_plus, name="ram_plus_official_tiny", **tiny, descriptions_per_tag=3)
+    tag2text_tiny = dataclasses.replace(tag2text, name="tag2text_official_tiny", **{**tiny, "image_dim": 128,
+                                                                                     "text_dim": 32})
+    return ram, ram_plus, tag2text, ram_tiny, ram_plus_tiny, tag2text_tiny
 
 
 MODEL_CONFIGS: Mapping[str, RamConfig] = MappingProxyType(_configs())
@@ -248,15 +302,19 @@ def create_model(
     ``caption_tokenizer``: a ready tokenizer (e.g. a fitted ``WordTokenizer``) instead of the one
     the config's ``tokenizer`` field names.
     """
-    from ram_model.model import RamModel
-
     config = get_config(name, **overrides)
-    model = RamModel(config, pretrained=pretrained, tokenizer=caption_tokenizer)
+    if config.layout == "official":
+        from ram_model.official.model import OfficialRamModel as model_class
+    elif config.layout == "ramflow":
+        from ram_model.model import RamModel as model_class
+    else:
+        raise ValueError(f"{name}: unknown layout {config.layout!r} (known: ramflow, official)")
+    model = model_class(config, pretrained=pretrained, tokenizer=caption_tokenizer)
     if tag_names is not None:
         if tag_embeddings is None:
             from ram_model.text_encoder import build_text_encoder, embed_tag_names
 
-            encoder = build_text_encoder(config.text_encoder)
+            encoder = build_text_encoder(config.text_encoder, config)
             tag_embeddings = embed_tag_names(tag_names, encoder, config.prompt_templates)
         model.set_tags(list(tag_names), tag_embeddings)
     return model

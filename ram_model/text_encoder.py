@@ -85,11 +85,38 @@ class MiniLMTextEncoder:
         return torch.cat(out).float()
 
 
-def build_text_encoder(name: str) -> TextEncoder:
-    """Text encoder named in a config (``"minilm"``)."""
+OPEN_CLIP_WEIGHTS_ENV = "RAMFLOW_OPEN_CLIP_WEIGHTS"
+
+
+class TextEncoderUnavailable(RuntimeError):
+    """The text encoder a model's label space needs is not available (no substitute is used)."""
+
+
+def build_text_encoder(name: str, config=None) -> TextEncoder:
+    """Text encoder named in a config.
+
+    ``"minilm"``; ``"open_clip_ram[:WEIGHTS]"`` (the official RAM / RAM++ label space: CLIP
+    ViT-B/16's text tower through open_clip, weights from a local file named here or in
+    ``$RAMFLOW_OPEN_CLIP_WEIGHTS``); ``"none"`` (learned tag embeddings: no encoder can add tags);
+    ``"package.module:factory"`` (any callable returning a :class:`TextEncoder`). ``config`` (the
+    model's) only makes error messages name the model.
+    """
     if name == "minilm":
         return MiniLMTextEncoder()
-    raise KeyError(f"unknown text encoder {name!r} (known: minilm)")
+    if name == "open_clip_ram" or name.startswith("open_clip_ram:"):
+        from ram_model.official.openset import build_official_clip_encoder
+
+        return build_official_clip_encoder(name.partition(":")[2] or os.environ.get(OPEN_CLIP_WEIGHTS_ENV), config)
+    if name == "none":
+        model = getattr(config, "name", "this model")
+        raise TextEncoderUnavailable(f"{model} has learned tag embeddings (Tag2Text): it scores only its own "
+                                     "tags, no text encoder can add new ones")
+    if ":" in name:
+        import importlib
+
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)()
+    raise KeyError(f"unknown text encoder {name!r} (known: minilm, open_clip_ram[:weights], none, module:factory)")
 
 
 def default_cache_dir() -> Path:

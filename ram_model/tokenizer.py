@@ -6,6 +6,7 @@
 
 * :class:`WordPieceTokenizer` (default): the uncased BERT WordPiece vocab bundled with the MiniLM
   package, run by the ``tokenizers`` library (``[CLS]`` = BOS, ``[SEP]`` = EOS, ``[PAD]`` = 0).
+* :class:`OfficialWordPieceTokenizer`: the same vocab + ``[DEC]``/``[ENC]`` (released RAM / Tag2Text).
 * :class:`WordTokenizer`: fallback when that package is absent; a word-level vocab fitted from
   captions (``fit``) with a fixed capacity so the embedding size is known before fitting.
 """
@@ -98,6 +99,47 @@ class WordPieceTokenizer:
         return {"kind": self.kind, "vocab": list(self.vocab)}
 
 
+class OfficialWordPieceTokenizer(WordPieceTokenizer):
+    """The tokenizer of the released RAM / Tag2Text checkpoints: bert-base-uncased (the MiniLM
+    package ships the same ``vocab.txt``, sha256 07eced37...) plus ``[DEC]`` (BOS of captions,
+    id 30522) and ``[ENC]`` (first token of the tag encoder's input, id 30523): 30524 ids."""
+
+    kind = "wordpiece_official"
+    EXTRA = ("[DEC]", "[ENC]")
+
+    def __init__(self, vocab: Sequence[str]):
+        vocab = list(vocab)
+        vocab += [t for t in self.EXTRA if t not in vocab]
+        super().__init__(vocab)
+        self.bos_id = vocab.index("[DEC]")
+        self.enc_id = vocab.index("[ENC]")
+        self._special |= {self.bos_id, self.enc_id}
+
+    def encode_tags(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tag-encoder input: ``[ENC] tokens... [SEP]`` right-padded to ``max_len`` (ids, mask)."""
+        ids, mask = self.encode(texts, max_len)
+        ids[:, 0] = self.enc_id
+        return ids, mask
+
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[DEC] tokens... [SEP]`` (captions start with BOS = [DEC], as in Tag2Text training)."""
+        rows = [[self.bos_id] + e.ids[1:] for e in self._tok.encode_batch(list(texts))]
+        return _pack(rows, max_len, self.pad_id, self.eos_id)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """``[DEC]`` + the prompt's tokens, without the final ``[SEP]`` (what generation extends)."""
+        return [self.bos_id] + self._tok.encode(prompt).ids[1:-1]
+
+    @classmethod
+    def from_minilm(cls) -> "OfficialWordPieceTokenizer":
+        from ram_model.text_encoder import minilm_model_dir
+
+        return cls((minilm_model_dir() / "vocab.txt").read_text(encoding="utf-8").splitlines())
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab": list(self.vocab[: len(self.vocab) - len(self.EXTRA)])}
+
+
 class WordTokenizer:
     """Lower-cased word/punctuation vocabulary fitted from captions, fixed capacity."""
 
@@ -167,12 +209,16 @@ def build_tokenizer(kind: str, word_vocab_size: int = 8000) -> CaptionTokenizer:
             return WordTokenizer(word_vocab_size)
     if kind == "word":
         return WordTokenizer(word_vocab_size)
+    if kind == "wordpiece_official":  # no fallback: the official ids must be bert-base-uncased's
+        return OfficialWordPieceTokenizer.from_minilm()
     raise KeyError(f"unknown tokenizer {kind!r}")
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> CaptionTokenizer:
     if state["kind"] == "wordpiece":
         return WordPieceTokenizer(state["vocab"])
+    if state["kind"] == "wordpiece_official":
+        return OfficialWordPieceTokenizer(state["vocab"])
     if state["kind"] == "word":
         return WordTokenizer(state["capacity"], state["words"])
     raise KeyError(f"unknown tokenizer state kind {state['kind']!r}")
