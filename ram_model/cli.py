@@ -1,4 +1,4 @@
-"""``ramflow`` subcommands of the model package: ``models``, ``tag``, ``caption``, ``evaluate``.
+"""``ramflow`` subcommands of the model package: ``models``, ``tag``, ``caption``, ``evaluate``, ``serve``.
 
 Heavy imports (torch, timm) happen inside the command functions.
 """
@@ -104,6 +104,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ram_model.serving import ServingConfig, serve
+
+    overrides = {"max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
+                 "max_image_pixels": args.max_pixels, "batch_size": args.batch_size}
+    config = ServingConfig.from_env().model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, config=ServingConfig(**config.model_dump()))
+    return 0
+
+
 def register(subparsers) -> None:
     """Add the model subcommands to the ``ramflow`` parser."""
     p = subparsers.add_parser("models", help="list registered model configs with parameter counts")
@@ -143,6 +153,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="write the metrics JSON here too")
     p.add_argument("--per-class", action="store_true", help="print per-class AP too")
     p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("serve", help="serve a logged model over HTTP (MLflow scoring protocol) with limits")
+    p.add_argument("-m", "--model-uri", required=True, help="models:/ram-tagger@champion, runs:/<id>/model or a folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("-p", "--port", type=int, default=5000)
+    p.add_argument("-w", "--workers", type=int, default=1, help="server processes (each loads the model)")
+    p.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default 64)")
+    p.add_argument("--max-pixels", type=int, help="decoded pixels per image (default 40,000,000)")
+    p.add_argument("--batch-size", type=int, help="images decoded and scored together (default 8)")
+    p.set_defaults(func=cmd_serve)
 
     from ram_model.train_cli import register as register_train  # `ramflow train` (training package)
 

@@ -156,15 +156,19 @@ class RamModel(nn.Module):
         return F.normalize(tokens[:, 0], dim=-1)
 
     # ------------------------------------------------------------------ recognition
-    def _queries(self, tag_ids: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
-        emb = self.label_embed if tag_ids is None else self.label_embed[torch.as_tensor(tag_ids, dtype=torch.long,
-                                                                                         device=self.label_embed.device)]
+    def _queries(self, tag_ids: torch.Tensor | Sequence[int] | None,
+                 label_embed: torch.Tensor | None = None) -> torch.Tensor:
+        # label_embed [C, text_dim]: a tag set passed per call (pure: the model's own set is not touched)
+        table = self.label_embed if label_embed is None else label_embed.to(self.label_embed.device,
+                                                                            self.label_embed.dtype)
+        emb = table if tag_ids is None else table[torch.as_tensor(tag_ids, dtype=torch.long, device=table.device)]
         queries = F.relu(self.wordvec_proj(emb))  # [C, decoder_dim]
         return queries if self.query_norm is None else self.query_norm(queries)
 
-    def _decode_tags(self, tokens: torch.Tensor, tag_ids=None, need_weights: bool = False):
+    def _decode_tags(self, tokens: torch.Tensor, tag_ids=None, need_weights: bool = False,
+                     label_embed: torch.Tensor | None = None):
         """tokens ``[B, N, image_dim]`` -> logits ``[B, C]`` (+ last-layer attention ``[B, C, N]``)."""
-        queries = self._queries(tag_ids)
+        queries = self._queries(tag_ids, label_embed)
         x = queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         weights = None
         for i, layer in enumerate(self.tagging_head):
@@ -176,10 +180,15 @@ class RamModel(nn.Module):
             logits = logits + (x * self.readout_proj(queries)).sum(-1) / x.shape[-1] ** 0.5
         return logits, weights
 
-    def tag_logits(self, images: torch.Tensor, tag_ids=None) -> torch.Tensor:
-        """``[B, C]`` logits over the current tag set (or the ``tag_ids`` subset)."""
+    def tag_logits(self, images: torch.Tensor, tag_ids=None, label_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, C]`` logits over the current tag set (or the ``tag_ids`` subset).
+
+        ``label_embed [C, text_dim]``: score these tag embeddings instead of the model's tag set,
+        without changing it (safe when several threads tag with different custom sets)."""
+        if label_embed is not None and (label_embed.ndim != 2 or label_embed.shape[1] != self.config.text_dim):
+            raise ValueError(f"label_embed must be [C, {self.config.text_dim}], got {tuple(label_embed.shape)}")
         tokens, _ = self.encode_image(images)
-        return self._decode_tags(tokens, tag_ids)[0]
+        return self._decode_tags(tokens, tag_ids, label_embed=label_embed)[0]
 
     def tag_attention(self, images: torch.Tensor, tag_ids=None) -> torch.Tensor:
         """Cross-attention of each tag query over the token grid ``[B, C, h, w]`` (last decoder

@@ -7,7 +7,15 @@ model's per-class thresholds). Response: per image ``tags`` (list of names) and 
 (their probabilities, same order, highest first).
 
 Bad requests raise :class:`mlflow.exceptions.MlflowException` with ``INVALID_PARAMETER_VALUE``,
-which the scoring server answers with HTTP 400 and the message.
+which the scoring server answers with HTTP 400 and the message; unexpected errors are logged
+server-side and answered 500 with a short message (no trace, no paths).
+
+Limits (:class:`ServingConfig`, from ``RAMFLOW_SERVING_*`` environment variables so that
+``mlflow models serve`` and every worker of ``ramflow serve`` read the same values): decoded
+pixels per image (checked from the header before decoding), encoded bytes per image, custom tags
+per request. ``ramflow serve`` (:func:`serve`) runs MLflow's own scoring app behind
+:func:`limit_app`, which also caps the request body before it is read (HTTP 413) and strips
+stack traces from error answers.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import logging
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,15 +35,41 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
-MAX_IMAGE_BYTES = 20 * 2**20
-MAX_CUSTOM_TAGS = 1000
+ENV_PREFIX = "RAMFLOW_SERVING_"
+ENV_MODEL_URI = "RAMFLOW_SERVING_MODEL_URI"
+
+
+class ServingConfig(BaseModel):
+    """Request limits and inference settings of the served model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded width x height per image")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="encoded bytes per image")
+    max_body_bytes: int = Field(64 * 2**20, ge=1, description="request body (ramflow serve only)")
+    max_custom_tags: int = Field(1000, ge=1, description="names in the 'tags' param")
+    batch_size: int = Field(8, ge=1, description="images decoded and scored together")
+    embedding_cache_names: int = Field(20_000, ge=1, description="custom tag embeddings kept in memory")
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "ServingConfig":
+        """Fields from ``RAMFLOW_SERVING_<FIELD>`` variables (defaults for the rest)."""
+        environ = os.environ if environ is None else environ
+        values = {name: environ[ENV_PREFIX + name.upper()] for name in cls.model_fields
+                  if ENV_PREFIX + name.upper() in environ}
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_PREFIX + name.upper(): str(value) for name, value in self.model_dump().items()}
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
@@ -59,27 +96,59 @@ def encode_image(image_or_bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_image(text: Any, row: int):
-    """Base64 text -> RGB PIL image; a clear 400 message when it is not one."""
+def check_image(text: Any, row: int, config: ServingConfig) -> bytes:
+    """Base64 text -> encoded image bytes whose header was read and whose size is within the
+    limits (nothing is decoded yet); a clear 400 message otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(text, str) or not text.strip():
         raise _bad(f"row {row}: column '{IMAGE_COLUMN}' must be a non-empty base64 string, got {type(text).__name__}")
+    if len(text) > config.max_image_bytes * 4 // 3 + 4:  # base64 of more than max_image_bytes
+        raise _bad(f"row {row}: image is more than {config.max_image_bytes} bytes")
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as err:
         raise _bad(f"row {row}: column '{IMAGE_COLUMN}' is not valid base64 ({err})") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise _bad(f"row {row}: image is {len(data)} bytes, more than {MAX_IMAGE_BYTES}")
+    if len(data) > config.max_image_bytes:
+        raise _bad(f"row {row}: image is {len(data)} bytes, more than {config.max_image_bytes}")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():  # the size is checked below against our own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise _bad(f"row {row}: the decoded bytes are not a readable image ({err})") from None
-    return image.convert("RGB")
+    except Image.DecompressionBombError:  # PIL's own guard (over twice Image.MAX_IMAGE_PIXELS)
+        raise _bad(f"row {row}: image is too large to decode (more than {config.max_image_pixels:,} pixels "
+                   f"allowed)") from None
+    if width * height > config.max_image_pixels:
+        raise _bad(f"row {row}: image is {width}x{height} = {width * height:,} pixels, more than the limit of "
+                   f"{config.max_image_pixels:,} ({ENV_PREFIX}MAX_IMAGE_PIXELS)")
+    return data
 
 
-def _check_params(params: dict | None) -> tuple[list[str] | None, float | None]:
+def load_checked(item: tuple[int, bytes]):
+    """``(row, bytes)`` from :func:`check_image` -> RGB PIL image (decoded now); 400 if the
+    data is cut or corrupt past its header."""
+    from PIL import Image
+
+    row, data = item
+    try:
+        with warnings.catch_warnings():  # size already checked; PIL's DecompressionBombError still applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise _bad(f"row {row}: the image could not be decoded ({err})") from None
+
+
+def decode_image(text: Any, row: int, config: ServingConfig | None = None):
+    """Base64 text -> RGB PIL image within the limits; a clear 400 message when it is not one."""
+    config = config or ServingConfig()
+    return load_checked((row, check_image(text, row, config)))
+
+
+def _check_params(params: dict | None, config: ServingConfig) -> tuple[list[str] | None, float | None]:
     params = dict(params or {})
     unknown = set(params) - {"tags", "threshold"}
     if unknown:
@@ -90,9 +159,9 @@ def _check_params(params: dict | None) -> tuple[list[str] | None, float | None]:
     if tags is not None:
         if isinstance(tags, str) or not all(isinstance(t, str) and t.strip() for t in tags):
             raise _bad("param 'tags' must be a list of non-empty strings")
-        if len(tags) > MAX_CUSTOM_TAGS:
-            raise _bad(f"param 'tags' has {len(tags)} names, at most {MAX_CUSTOM_TAGS}")
-        tags = [t.strip() for t in tags]
+        if len(tags) > config.max_custom_tags:
+            raise _bad(f"param 'tags' has {len(tags)} names, at most {config.max_custom_tags}")
+        tags = list(dict.fromkeys(t.strip() for t in tags))  # repeated names are scored once
     threshold = params.get("threshold")
     if threshold is not None:
         try:
@@ -107,22 +176,45 @@ def _check_params(params: dict | None) -> tuple[list[str] | None, float | None]:
 
 
 class RamTaggerModel(mlflow.pyfunc.PythonModel):
-    """Loads the checkpoint artifact with :class:`ram_model.inference.Tagger`."""
+    """Loads the checkpoint artifact with :class:`ram_model.inference.Tagger`.
+
+    ``predict`` runs in several threads at once under the scoring server: it never changes the
+    model (custom tags are a per-call tag set), and decodes images one batch at a time.
+    """
 
     def load_context(self, context) -> None:
         from ram_model.inference import Tagger
+        from ram_model.text_encoder import TagEmbeddingCache
 
-        self.tagger = Tagger.from_checkpoint(context.artifacts["checkpoint"], device="cpu")
+        self.config = ServingConfig.from_env()
+        self.tagger = Tagger.from_checkpoint(context.artifacts["checkpoint"], device="cpu",
+                                             batch_size=self.config.batch_size,
+                                             embedding_cache=TagEmbeddingCache(self.config.embedding_cache_names))
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+        try:
+            return self._predict(model_input, params)
+        except MlflowException:
+            raise
+        except Exception as err:  # a bug or a resource failure: log it here, answer without internals
+            log.exception("unexpected error while tagging")
+            raise MlflowException(f"internal error while tagging ({type(err).__name__}); "
+                                  "the server log has the details", error_code=INTERNAL_ERROR) from None
+
+    def _predict(self, model_input, params: dict | None) -> pd.DataFrame:
+        config = getattr(self, "config", None) or ServingConfig()
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         if IMAGE_COLUMN not in model_input.columns:
             raise _bad(f"input needs a column '{IMAGE_COLUMN}' of base64 images; got columns "
                        f"{list(map(str, model_input.columns))}")
-        tags, threshold = _check_params(params)
-        images = [decode_image(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
-        results = self.tagger.tag(images, tags=tags, threshold=threshold)
+        tags, threshold = _check_params(params, config)
+        if tags is not None and self.tagger.model.config.text_encoder == "none":
+            raise _bad("param 'tags' is not supported by this model: its tag embeddings are learned, "
+                       "no text encoder can add new names")
+        # headers and sizes of every row first (a bad row fails before any inference), pixels per batch
+        items = [(i, check_image(v, i, config)) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
+        results = self.tagger.tag(items, tags=tags, threshold=threshold, loader=load_checked)
         rows = [{"tags": [t for t, _ in r], "scores": [float(s) for _, s in r]} for r in results]
         return pd.DataFrame(rows, columns=["tags", "scores"])
 
@@ -159,3 +251,115 @@ def log_pyfunc(model_dir: str | Path, run_id: str | None, tracking_uri: str | No
         )
     log.info("logged pyfunc %s", info.model_uri)
     return info.model_uri
+
+
+# ---------------------------------------------------------------------------- HTTP app (ramflow serve)
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _json_answer(status: int, error_code: str, message: str) -> tuple[dict, dict]:
+    body = json.dumps({"error_code": error_code, "message": message}).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    return start, {"type": "http.response.body", "body": body}
+
+
+def _clean_error_body(body: bytes) -> bytes:
+    """An MLflow error answer without ``stack_trace`` and without the echoed request data."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(payload, dict):
+        return body
+    payload.pop("stack_trace", None)
+    message = payload.get("message")
+    if isinstance(message, str) and message.startswith("Failed to predict data") and "\nError: " in message:
+        payload["message"] = message.split("\nError: ", 1)[1]  # MLflow prefixes the whole input frame
+    return json.dumps(payload).encode()
+
+
+def limit_app(app, max_body_bytes: int):
+    """ASGI wrapper: refuse bodies over ``max_body_bytes`` before reading them (declared
+    ``Content-Length``) or while they stream in (bytes counted), with 413 and a message; error
+    answers (status >= 400, JSON) lose their stack trace."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        too_large = (413, "REQUEST_TOO_LARGE",
+                     f"request body is larger than the limit of {max_body_bytes:,} bytes ({ENV_PREFIX}MAX_BODY_BYTES)")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            for message in _json_answer(*too_large):
+                await send(message)
+            return
+        state = {"read": 0, "over": False, "started": None, "parts": []}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > max_body_bytes:
+                    state["over"] = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def cleaning_send(message):
+            if state["over"]:
+                return  # the app's own answer to the interrupted read is replaced by the 413
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                state["started"] = message  # hold the error answer until its body is complete
+                return
+            if message["type"] == "http.response.body" and state["started"] is not None:
+                state["parts"].append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = _clean_error_body(b"".join(state["parts"]))
+                start = state["started"]
+                hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                await send({**start, "headers": [*hdrs, (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        try:
+            await app(scope, limited_receive, cleaning_send)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"]:
+            for message in _json_answer(*too_large):
+                await send(message)
+
+    return wrapped
+
+
+def create_app(model_uri: str | None = None, config: ServingConfig | None = None):
+    """MLflow's scoring app (``/invocations``, ``/ping``, ...) for the pyfunc at ``model_uri``
+    (default ``$RAMFLOW_SERVING_MODEL_URI``) behind :func:`limit_app`."""
+    from mlflow.pyfunc import scoring_server
+
+    config = config or ServingConfig.from_env()
+    uri = model_uri or os.environ[ENV_MODEL_URI]
+    model = scoring_server.load_model_with_mlflow_config(uri)
+    return limit_app(scoring_server.init(model), config.max_body_bytes)
+
+
+def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
+          config: ServingConfig | None = None) -> None:
+    """Serve ``model_uri`` (``models:/ram-tagger@champion``, ``runs:/...`` or a folder) with
+    ``workers`` uvicorn processes; the model is downloaded once and every worker loads it."""
+    import uvicorn
+
+    config = config or ServingConfig.from_env()
+    local = mlflow.artifacts.download_artifacts(model_uri) if "://" in model_uri or ":/" in model_uri else model_uri
+    os.environ.update(config.to_env())  # the workers (and the pyfunc's load_context) read the same limits
+    os.environ[ENV_MODEL_URI] = str(local)
+    log.info("serving %s on %s:%d with %d worker(s), limits %s", model_uri, host, port, workers, config)
+    uvicorn.run("ram_model.serving:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info")

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -169,3 +171,63 @@ def embed_tag_names(
     tmp.replace(path)
     log.info("embedded %d tags with %s (cache %s)", len(names), encoder.encoder_id, path)
     return emb
+
+
+class TagEmbeddingCache:
+    """In-memory LRU of tag embeddings keyed per name by ``(encoder id, templates, name)``.
+
+    Why: open-set requests send tag lists; a repeated list (or a name seen in any earlier list)
+    must cost nothing, and a long list is embedded once. Misses are embedded together through
+    :func:`embed_tag_names` (which also keeps its disk cache) under a lock, because text
+    encoders (HF fast tokenizers) are not safe to call from several threads at once.
+    """
+
+    def __init__(self, max_names: int = 20_000):
+        if max_names < 1:
+            raise ValueError(f"max_names must be >= 1, got {max_names}")
+        self.max_names = max_names
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # key -> [dim]
+        self._lock = threading.Lock()          # guards _entries
+        self._encode_lock = threading.Lock()   # one encoder call at a time
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _lookup(self, prefix: tuple, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        found = {}
+        with self._lock:
+            for name in names:
+                emb = self._entries.get((*prefix, name))
+                if emb is not None:
+                    self._entries.move_to_end((*prefix, name))
+                    found[name] = emb
+        return found
+
+    def embed(self, names: Sequence[str], encoder: TextEncoder, templates: Sequence[str],
+              cache_dir: str | Path | None = None) -> torch.Tensor:
+        """``[C, dim]`` embeddings of ``names`` (same rows as :func:`embed_tag_names`)."""
+        names = list(names)
+        prefix = (encoder.encoder_id, tuple(templates))
+        found = self._lookup(prefix, names)
+        missing = [n for n in dict.fromkeys(names) if n not in found]
+        if missing:
+            with self._encode_lock:
+                found.update(self._lookup(prefix, missing))  # another thread may have embedded them
+                missing = [n for n in missing if n not in found]
+                if missing:
+                    emb = embed_tag_names(missing, encoder, templates, cache_dir)  # [M, dim]
+                    fresh = {n: row.clone() for n, row in zip(missing, emb)}  # own storage per row
+                    found.update(fresh)
+                    with self._lock:
+                        for name, row in fresh.items():
+                            self._entries[(*prefix, name)] = row
+                        while len(self._entries) > self.max_names:
+                            self._entries.popitem(last=False)
+        with self._lock:
+            self.misses += len(missing)
+            self.hits += len(names) - len(missing)
+        if not names:
+            return torch.zeros(0, encoder.dim)
+        return torch.stack([found[n] for n in names])  # [C, dim]

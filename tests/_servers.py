@@ -40,7 +40,7 @@ def running_server(cmd: list[str], ready_url: str, log_path: Path, *, env: dict 
                 pass
             if time.time() > deadline:  # start-up wait limit, not a timing check
                 pytest.fail(f"{cmd[0]} did not come up at {ready_url}")
-            time.sleep(2)
+            time.sleep(0.5)
         yield proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -98,3 +98,62 @@ def test_cli_tag_caption_models(checkpoint, tmp_path, capsys, monkeypatch):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "ram_swin_l_384" in out and "ram_tiny" in out
+
+
+def test_embedding_cache_per_name_and_repeated_lists(checkpoint, tmp_path):
+    """A repeated list costs no encoder call; a list overlapping an earlier one embeds only its new names."""
+    from ram_model.text_encoder import TagEmbeddingCache
+
+    enc = FakeTextEncoder()
+    tagger = Tagger.from_checkpoint(checkpoint, text_encoder=enc, embedding_cache=TagEmbeddingCache(max_names=3))
+    first = tagger.tag_set(["zebra", "kite"], cache_dir=tmp_path)
+    again = tagger.tag_set(["kite", "zebra"], cache_dir=tmp_path)
+    assert enc.calls == 1 and tagger.embedding_cache.hits == 2
+    torch.testing.assert_close(again.embeddings, first.embeddings[[1, 0]])
+    tagger.tag_set(["kite", "moon"], cache_dir=tmp_path)              # only "moon" is new
+    assert enc.calls == 2 and tagger.embedding_cache.misses == 3
+    assert len(tagger.embedding_cache) == 3
+    tagger.tag_set(["sun"], cache_dir=tmp_path)                       # evicts the least recently used
+    assert len(tagger.embedding_cache) == 3
+    known = tagger.tag_set(["cat", "zebra"], cache_dir=tmp_path)
+    assert known.thresholds[0] == pytest.approx(float(tagger.model.thresholds[0]))  # known names keep theirs
+    assert known.thresholds[1] == pytest.approx(tagger.model.config.default_threshold)
+    with pytest.raises(ValueError, match="unique"):
+        tagger.tag_set(["kite", "kite"])
+
+
+def test_concurrent_tag_calls_with_mixed_tag_sets_are_independent(checkpoint, tmp_path):
+    """Threads tagging with the default set and with custom sets each get their own answer
+    (the shared model is never changed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tagger = Tagger.from_checkpoint(checkpoint, text_encoder=FakeTextEncoder())
+    images = _images(tmp_path)
+    custom = [None, ["zebra", "kite"], ["dog", "moon", "sun"], None]
+    expected = [tagger.tag(images, threshold=0.0, tags=c) for c in custom]
+    weights_before = {k: v.clone() for k, v in tagger.model.state_dict().items()}
+    jobs = [i % len(custom) for i in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: tagger.tag(images, threshold=0.0, tags=custom[i]), jobs))
+    for i, result in zip(jobs, got):
+        assert [[t for t, _ in r] for r in result] == [[t for t, _ in r] for r in expected[i]]
+        np.testing.assert_allclose([s for r in result for _, s in r], [s for r in expected[i] for _, s in r],
+                                   rtol=1e-5, atol=1e-6)
+    assert tagger.tag_names == TAGS
+    for key, value in tagger.model.state_dict().items():
+        torch.testing.assert_close(value, weights_before[key])
+    assert tagger.embedding_cache.misses == 5                        # every custom name embedded once
+
+
+def test_tag_logits_with_label_embed_is_pure(checkpoint):
+    """``tag_logits(x, label_embed=E)`` equals swapping the tag set to E, and leaves the model's set alone."""
+    model = Tagger.from_checkpoint(checkpoint).model
+    x = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    emb = fake_embeddings(["zebra", "kite", "moon"])
+    with torch.no_grad():
+        pure = model.tag_logits(x, label_embed=emb)
+        assert model.tag_names == TAGS and model.num_tags == len(TAGS)
+        model.set_tags(["zebra", "kite", "moon"], emb)
+        torch.testing.assert_close(pure, model.tag_logits(x))
+    with pytest.raises(ValueError, match="label_embed"):
+        model.tag_logits(x, label_embed=torch.zeros(3, 7))

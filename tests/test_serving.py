@@ -1,5 +1,7 @@
-"""The MLflow pyfunc wrapper: predictions, clear 400s on malformed requests, and a real
-``mlflow models serve -m models:/ram-tagger@champion`` round trip on corpus images.
+"""The MLflow pyfunc wrapper: predictions, clear 400s on malformed requests, limits (pixels,
+body size), clean error answers, and real servers (``mlflow models serve`` and ``ramflow serve``
+on ``models:/ram-tagger@champion``): a round trip on corpus images and concurrent clients mixing
+default and custom tag sets, each getting exactly its own answer.
 
 The model is an untrained ``ram_tiny`` over the corpus vocabulary (what is tested is the
 serving contract, not accuracy; the pipeline test serves its trained champion in process).
@@ -7,8 +9,13 @@ serving contract, not accuracy; the pipeline test serves its trained champion in
 
 from __future__ import annotations
 
+import base64
 import os
+import socket
+import struct
 import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +25,7 @@ from _servers import free_port, running_server
 mlflow = pytest.importorskip("mlflow")
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from ram_model.serving import IMAGE_COLUMN, encode_image  # noqa: E402
+from ram_model.serving import IMAGE_COLUMN, ServingConfig, encode_image, limit_app  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TAGS = ["dog", "cat", "car", "tree", "red", "blue", "beach", "street", "person", "boat"]
@@ -99,11 +106,11 @@ def test_bad_requests_raise_invalid_parameter(pyfunc, corpus_images, frame, para
 
 @pytest.mark.slow
 def test_mlflow_models_serve_champion_round_trip(logged_model, corpus_images, tmp_path):
+    """Predictions, custom tags, clear 400s, and the concurrent mix (:func:`_check_concurrent_mix`)."""
     import requests
 
-    tracking_uri, _ = logged_model
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = _server_env(logged_model, tmp_path)
     cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/ram-tagger@champion", "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)]
     url = f"http://127.0.0.1:{port}"
@@ -133,3 +140,149 @@ def test_mlflow_models_serve_champion_round_trip(logged_model, corpus_images, tm
             r = post(body)
             assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:500])
             assert message in r.json()["message"], (name, r.text[:500])
+        _check_concurrent_mix(url, corpus_images)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` (tiny file: decoding it would be the bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("config,image,message", [
+    (ServingConfig(), _png_header(12_000, 12_000), "144,000,000 pixels, more than the limit of 40,000,000"),
+    (ServingConfig(max_image_pixels=10**12), _png_header(20_000, 20_000), "too large to decode"),  # PIL's bomb guard
+    (ServingConfig(max_image_pixels=1000), None, "more than the limit of 1,000"),
+    (ServingConfig(max_image_bytes=100), None, "more than 100"),
+    (ServingConfig(max_custom_tags=1), None, "at most 1"),
+], ids=["40-Mpx-default", "PIL-bomb-guard", "pixels-setting", "bytes-setting", "custom-tags-setting"])
+def test_limits_answer_400_before_decoding(pyfunc, corpus_images, monkeypatch, config, image, message):
+    monkeypatch.setattr(pyfunc.unwrap_python_model(), "config", config)
+    frame = pd.DataFrame({IMAGE_COLUMN: [encode_image(image) if image else corpus_images[0]]})
+    with pytest.raises(MlflowException) as err:
+        pyfunc.predict(frame, params={"tags": ["cat", "dog"]})
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert message in err.value.message
+
+
+def test_truncated_image_is_a_400(pyfunc, corpus_images):
+    data = base64.b64decode(corpus_images[0])
+    with pytest.raises(MlflowException) as err:
+        pyfunc.predict(pd.DataFrame({IMAGE_COLUMN: [encode_image(data[: len(data) // 2])]}))
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE" and "row 0" in err.value.message
+
+
+@pytest.fixture(scope="module")
+def test_app(pyfunc):
+    """MLflow's scoring app for the champion behind ``limit_app`` (1 KiB bodies), in process."""
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "false")  # init() sets it; restored afterwards
+        with TestClient(limit_app(scoring_server.init(pyfunc), 1024), raise_server_exceptions=False) as client:
+            yield client
+
+
+def test_app_refuses_large_bodies_with_413(test_app):
+    declared = test_app.post("/invocations", content=b"x" * 2048, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "larger than the limit of 1,024 bytes" in declared.json()["message"]
+    streamed = test_app.post("/invocations", content=iter([b"x" * 600, b"x" * 600]),  # chunked: no length
+                             headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "limit" in streamed.json()["message"]
+    assert test_app.get("/ping").status_code == 200
+
+
+def test_unexpected_errors_answer_a_message_without_trace_or_paths(pyfunc, test_app, corpus_images, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in /home/someone/secret/ram_model/inference.py line 12")
+
+    monkeypatch.setattr(pyfunc.unwrap_python_model().tagger, "scores", broken)
+    with pytest.raises(MlflowException) as err:                      # in process
+        pyfunc.predict(pd.DataFrame({IMAGE_COLUMN: corpus_images[:1]}))
+    assert err.value.error_code == "INTERNAL_ERROR" and "/home" not in err.value.message
+    body = {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [["abc"]]}}  # small enough for the 1 KiB cap
+    monkeypatch.setattr("ram_model.serving.check_image", lambda text, row, config: b"")
+    r = test_app.post("/invocations", json=body)                     # over HTTP
+    assert r.status_code == 500, r.text
+    payload = r.json()
+    assert "stack_trace" not in payload and "Traceback" not in r.text and "/home" not in r.text
+    assert payload["message"].startswith("internal error while tagging (RuntimeError)")
+
+
+def _check_concurrent_mix(url: str, corpus_images: list[str]) -> None:
+    """8 clients, 60 default + 60 custom-tag requests interleaved: every answer equals the one the
+    same request gets alone, no error status, and the default tag set is intact afterwards."""
+    import requests
+
+    variants = [None, ["windmill", "butterfly", "cat"], ["kite", "dog"]]
+    jobs = [(i % 3, [None, variants[1 + (i // 2) % 2]][i % 2]) for i in range(120)]  # 60 default, 60 custom
+
+    def post(image: int, tags):
+        params = {"threshold": 0.0, **({"tags": tags} if tags else {})}
+        body = {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[corpus_images[image]]]}, "params": params}
+        r = requests.post(f"{url}/invocations", json=body, timeout=120)
+        return r.status_code, (r.json()["predictions"][0] if r.ok else r.text[:300])
+
+    alone = {(img, tuple(tags or ())): post(img, tags) for img, tags in {(i, tuple(t or ())) for i, t in jobs}}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda job: post(*job), jobs))
+    after = [post(i, None) for i in range(3)]
+    for (img, tags), (status, pred) in zip(jobs, answers):
+        ref_status, ref = alone[(img, tuple(tags or ()))]
+        assert status == 200 and ref_status == 200, (status, pred)
+        assert pred["tags"] == ref["tags"], (tags, pred["tags"], ref["tags"])
+        assert pred["scores"] == pytest.approx(ref["scores"], rel=1e-5, abs=1e-6)
+        assert sorted(pred["tags"]) == sorted(tags or TAGS)
+    assert all(status == 200 and sorted(p["tags"]) == sorted(TAGS) for status, p in after)
+
+
+def _server_env(logged_model, tmp_path) -> dict:
+    return dict(os.environ, MLFLOW_TRACKING_URI=logged_model[0], RAMFLOW_CACHE_DIR=str(tmp_path / "cache"),
+                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _raw_post(port: int, head: str, chunks: list[bytes]) -> str:
+    """Send a request head and body chunks over a bare socket (stop early if the server answers)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head.encode())
+        for part in chunks:
+            try:
+                sock.sendall(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        return sock.recv(65536).decode("latin-1")
+
+
+@pytest.mark.slow
+def test_ramflow_serve_concurrency_and_body_limits(logged_model, corpus_images, tmp_path):
+    """``ramflow serve --max-body-mb 1``: the concurrent mix; a 200 MB declared body is refused
+    without being sent, a chunked body once 1 MiB has streamed in; errors carry no trace."""
+    import requests
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(BIN / "ramflow"), "serve", "-m", "models:/ram-tagger@champion", "-p", str(port), "--max-body-mb", "1"]
+    with running_server(cmd, f"{url}/ping", tmp_path / "serve.log", env=_server_env(logged_model, tmp_path),
+                        ready=lambda r: r.status_code == 200, stop_limit_s=30):
+        _check_concurrent_mix(url, corpus_images)
+        declared = _raw_post(port, "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                   f"Content-Length: {200 * 2**20}\r\n\r\n", [])  # no body byte is sent
+        assert declared.startswith("HTTP/1.1 413") and "larger than the limit" in declared
+        chunk = b"x" * 2**16
+        chunked = _raw_post(port, "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  "Transfer-Encoding: chunked\r\n\r\n",
+                            [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"] * 20)  # 1.25 MiB
+        assert chunked.startswith("HTTP/1.1 413") and "larger than the limit" in chunked
+        frame = {"columns": [IMAGE_COLUMN], "data": [[b] for b in corpus_images]}
+        ok = requests.post(f"{url}/invocations", json={"dataframe_split": frame, "params": {"threshold": 0.0}},
+                           timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 3
+        bad = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": [IMAGE_COLUMN],
+                                                                             "data": [["%%%"]]}}, timeout=60)
+        assert bad.status_code == 400 and "stack_trace" not in bad.json()
+        assert bad.json()["message"].startswith("row 0: column 'image' is not valid base64")
