@@ -99,7 +99,8 @@ def build_text_encoder(name: str, config=None) -> TextEncoder:
 
     ``"minilm"``; ``"open_clip_ram[:WEIGHTS]"`` (the official RAM / RAM++ label space: CLIP
     ViT-B/16's text tower through open_clip, weights from a local file named here or in
-    ``$RAMFLOW_OPEN_CLIP_WEIGHTS``); ``"none"`` (learned tag embeddings: no encoder can add tags);
+    ``$RAMFLOW_OPEN_CLIP_WEIGHTS``); ``"checkpoint_tags:MODEL_DIR"`` (the embeddings an imported
+    checkpoint holds for known names, CLIP for new ones); ``"none"`` (learned tag embeddings: no encoder can add tags);
     ``"package.module:factory"`` (any callable returning a :class:`TextEncoder`). ``config`` (the
     model's) only makes error messages name the model.
     """
@@ -109,6 +110,10 @@ def build_text_encoder(name: str, config=None) -> TextEncoder:
         from ram_model.official.openset import build_official_clip_encoder
 
         return build_official_clip_encoder(name.partition(":")[2] or os.environ.get(OPEN_CLIP_WEIGHTS_ENV), config)
+    if name.startswith("checkpoint_tags:"):  # fine-tuning an imported model: its own tag embeddings
+        from ram_model.official.openset import build_checkpoint_bank
+
+        return build_checkpoint_bank(name.partition(":")[2], config)
     if name == "none":
         model = getattr(config, "name", "this model")
         raise TextEncoderUnavailable(f"{model} has learned tag embeddings (Tag2Text): it scores only its own "
@@ -118,7 +123,7 @@ def build_text_encoder(name: str, config=None) -> TextEncoder:
 
         module, _, attr = name.partition(":")
         return getattr(importlib.import_module(module), attr)()
-    raise KeyError(f"unknown text encoder {name!r} (known: minilm, open_clip_ram[:weights], none, module:factory)")
+    raise KeyError(f"unknown text encoder {name!r} (known: minilm, open_clip_ram[:weights], checkpoint_tags:dir, none, module:factory)")
 
 
 def default_cache_dir() -> Path:

@@ -152,3 +152,55 @@ def embed_descriptions(path: str | Path, tower) -> tuple[list[str], torch.Tensor
     items = read_descriptions(path)
     emb = torch.stack([tower.encode(descs) for _, descs in items])  # [C, D, 512]
     return [tag for tag, _ in items], emb
+
+
+class CheckpointTagBank:
+    """Tag names -> the embeddings an imported RAM checkpoint already holds for them.
+
+    Fine-tuning an official RAM on another label system (``text_encoder="checkpoint_tags:<model
+    dir>"``): names the checkpoint knows keep its CLIP embeddings exactly; names it does not know
+    are embedded by the CLIP encoder when one is configured (``$RAMFLOW_OPEN_CLIP_WEIGHTS``), else
+    :class:`TextEncoderUnavailable` names them. Names are matched as prompts arrive
+    (``"t_shirt"`` and ``"t shirt"`` are the same tag).
+    """
+
+    def __init__(self, checkpoint: str | Path, fallback=None):
+        from ram_model.checkpoint import read_checkpoint
+
+        blob = read_checkpoint(checkpoint)
+        names, table = list(blob["tag_names"]), blob["state_dict"]["label_embed"]
+        if table.shape[0] != len(names):
+            raise ValueError(f"{checkpoint}: {table.shape[0]} embeddings for {len(names)} tags (RAM++ description "
+                             "tables cannot serve one embedding per name)")
+        self.dim = int(table.shape[1])
+        self.rows = {_bank_key(n): table[i] for i, n in enumerate(names)}
+        self.fallback = fallback
+        self.encoder_id = f"checkpoint_tags:{Path(checkpoint).resolve()}:{len(names)}" + (
+            f"+{fallback.encoder_id}" if fallback is not None else "")
+
+    def encode(self, names: Sequence[str]) -> torch.Tensor:
+        missing = [n for n in names if _bank_key(n) not in self.rows]
+        extra = {}
+        if missing:
+            if self.fallback is None:
+                raise TextEncoderUnavailable(f"{len(missing)} tag(s) not in the imported checkpoint: {missing[:10]}. "
+                                             + missing_clip_message())
+            extra = dict(zip(missing, self.fallback.encode(missing)))
+        if not names:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.rows[_bank_key(n)] if n in names and _bank_key(n) in self.rows else extra[n]
+                            for n in names]).float()
+
+
+def _bank_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def build_checkpoint_bank(checkpoint: str, config=None) -> CheckpointTagBank:
+    """``checkpoint_tags:<model dir>`` (+ the CLIP encoder of ``$RAMFLOW_OPEN_CLIP_WEIGHTS`` for new names)."""
+    import os
+
+    if not checkpoint:
+        raise ValueError("checkpoint_tags needs a model folder or file: checkpoint_tags:/path/to/model")
+    weights = os.environ.get(OPEN_CLIP_WEIGHTS_ENV)
+    return CheckpointTagBank(checkpoint, build_official_clip_encoder(weights, config) if weights else None)
