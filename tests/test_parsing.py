@@ -215,3 +215,52 @@ def test_cli_persistent_answers_each_line(cfg, tmp_path):
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=60) == 0
+
+
+# --------------------------------------------------------------------------- context rules
+
+@pytest.mark.parametrize("caption, present, absent", [
+    # colour word as a thing (counted, plural) vs as a colour (modifier, paired, predicative)
+    ("An orange and a banana on a table", {("orange", "object"), ("banana", "object")}, set()),
+    ("Two oranges and some olives in a bowl", {("orange", "object"), ("olive", "object")}, set()),
+    ("A large orange bus parked in a lot", {("orange", "attribute"), ("bus", "object")},
+     {("orange", "object")}),
+    ("A grey and orange fire hydrant", {("orange", "attribute"), ("fire hydrant", "object")},
+     {("orange", "object"), ("grey", "object")}),
+    ("A cat that is orange and white", {("orange", "attribute")}, {("orange", "object")}),
+    ("a grey striped cat sitting on a toilet", {("grey", "attribute")}, {("grey", "object")}),
+    # glasses: worn -> eyeglasses; with wine -> wine glass; otherwise a glass
+    ("A man wearing glasses and a hat", {("eyeglasses", "object")}, {("glass", "object")}),
+    ("A man with a plaid hat, tie, dress shirt and glasses on.", {("eyeglasses", "object")},
+     {("glass", "object")}),
+    ("Two glasses of wine next to a bottle", {("wine glass", "object")}, {("glass", "object")}),
+    ("Empty glasses on the dinner table", {("glass", "object")}, {("eyeglasses", "object")}),
+    # kin words in an animal-only caption name the animal's family, not a person
+    ("A baby elephant walking with its mother", {("mother elephant", "object")},
+     {("mother", "object")}),
+    ("A giraffe standing next to her baby", {("baby giraffe", "object")}, {("baby", "object")}),
+    ("A woman holding her baby next to a dog", {("baby", "object"), ("woman", "object")},
+     {("baby dog", "object")}),
+    # a person word that only owns a toy is not in the picture
+    ("A teddy bear playing with a child's toy", {("teddy bear", "object")}, {("child", "object")}),
+    ("A child holding a teddy bear", {("child", "object")}, set()),
+])
+def test_context_rules(pool, caption, present, absent):
+    res = pool.parse_batch([caption])[0]
+    pairs = set(zip(res.tags, res.categories))
+    assert present <= pairs, pairs
+    assert not (absent & pairs), pairs
+
+
+def test_context_rules_can_be_switched_off(cfg):
+    with ParserPool(cfg.model_copy(update={"context_rules": False})) as p:
+        res = p.parse_batch(["A man wearing glasses", "An orange and a banana"])
+    assert "glass" in res[0].tags and "eyeglasses" not in res[0].tags
+    assert dict(zip(res[1].tags, res[1].categories))["orange"] == "attribute"
+
+
+def test_result_cache_returns_independent_lists(pool):
+    first, second = pool.parse_batch(["A dog on a beach", "A dog on a beach"])
+    assert first.tags == second.tags == ["dog", "beach"]
+    first.tags.append("changed")
+    assert pool.parse_batch(["A dog on a beach"])[0].tags == ["dog", "beach"]
