@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ram_model.engines import UnsafeCheckpointError, load_tensors
-from ram_model.registry import config_fields, config_overrides, create_model
+from ram_model.registry import config_fields, config_overrides, create_unfilled_model
 from ram_model.tokenizer import tokenizer_from_state
 
 FORMAT = "ramflow-model-v1"
@@ -114,7 +114,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     blob = read_checkpoint(path)
     tokenizer = tokenizer_from_state(blob["tokenizer"]) if blob.get("tokenizer") else None
     fields = blob.get("config") or blob["overrides"]
-    model = create_model(blob["model_name"], pretrained=False, caption_tokenizer=tokenizer, **fields)
+    # every persistent tensor is loaded below (strict): no random init to overwrite
+    model = create_unfilled_model(blob["model_name"], caption_tokenizer=tokenizer, **fields)
     state = blob["state_dict"]
     model.set_tags(blob["tag_names"], state["label_embed"], blob["thresholds"])
     model.load_state_dict(state, strict=True)

@@ -5,13 +5,16 @@ registered name (plus keyword overrides) into a :class:`ram_model.model.RamModel
 a read-only mapping built once at import, so there is no mutable module state.
 
 The two ``ram_swin_*`` configs follow the official RAM checkpoint layout (see
-``/work/shared/reference/official_ram/ram_state_dict_keys.txt``): a Swin image encoder, its tokens
+``ram_model/resources/official/ram_state_dict_keys.txt``): a Swin image encoder, its tokens
 projected to 512 (``image_proj``), a recognition decoder (``tagging_head``) of 2 cross-attention-only
 layers at width 768 / 4 heads / FFN 3072 fed with projected label embeddings (``wordvec_proj``), one
 shared 768->1 logit head (``fc``), plus a Tag2Text generation branch (``tag_encoder`` = image-tag
 interaction encoder and ``text_decoder`` = caption decoder, 12 BERT-base layers each in RAM).
 Differences from the official model: the tag queries come from a frozen MiniLM text encoder (384-d)
 instead of CLIP (512-d), and the generation branch is built from ``torch.nn`` transformer layers.
+The ``*_official_*`` configs (``layout="official"``) are the released RAM / RAM++ / Tag2Text
+networks exactly, built as :class:`ram_model.official.model.OfficialRamModel`, which
+``ramflow import-official`` fills from the released checkpoints.
 
 The small CPU configs (``ram_tiny``, ``ram_effnet_lite0``) switch on three decoder additions that
 the ``ram_swin_*`` configs leave off (``query_norm``, ``token_norm``, ``query_readout``; see the
@@ -317,6 +320,26 @@ def create_model(
             encoder = build_text_encoder(config.text_encoder, config)
             tag_embeddings = embed_tag_names(tag_names, encoder, config.prompt_templates)
         model.set_tags(list(tag_names), tag_embeddings)
+    return model
+
+
+def create_unfilled_model(name: str, caption_tokenizer: Any = None, **overrides: Any):
+    """``name`` with allocated but *unset* weights, for a caller that loads every persistent tensor
+    next (a checkpoint, an official import): built on the meta device, so the random init it
+    would overwrite (about 30 s of CPU for Swin-L + BERT) is skipped. Computed buffers (Swin's
+    relative position index and window masks) are filled; a model with computed buffers that
+    cannot be refilled this way is built normally instead."""
+    import torch
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    with torch.device("meta"):
+        model = create_model(name, pretrained=False, caption_tokenizer=caption_tokenizer, **overrides)
+    unfillable = [type(m).__name__ for m in model.modules()
+                  if getattr(m, "_non_persistent_buffers_set", None) and not hasattr(m, "init_non_persistent_buffers")]
+    if unfillable:
+        return create_model(name, pretrained=False, caption_tokenizer=caption_tokenizer, **overrides)
+    model.to_empty(device="cpu")
+    reinit_non_persistent_buffers(model)
     return model
 
 

@@ -234,3 +234,26 @@ def test_logits_and_tags_match_official(official_import, record_property):
     kept = [[tags.display_names()[i] for i in torch.nonzero(row >= model.thresholds).flatten().tolist()]
             for row in probs]
     assert [" | ".join(k) for k in kept] == gold["tags"]
+
+
+def test_register_puts_an_imported_model_in_the_registry_as_a_serving_pyfunc(tmp_path, capsys):
+    import mlflow
+    import pandas as pd
+
+    from orchestration.cli import main
+    from ram_model.serving import IMAGE_COLUMN, encode_image
+
+    model, tags = tiny_official("ram")
+    torch.save({"model": export_official_state(model)}, tmp_path / "ram.pth")
+    (tmp_path / "tags.txt").write_text("\n".join(tags.names), encoding="utf-8")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["import-official", str(tmp_path / "ram.pth"), "--arch", "ram", "--model", TINY["ram"],
+                 "--tag-list", str(tmp_path / "tags.txt"), "--out", str(tmp_path / "m"), "--register",
+                 "--tracking-uri", uri]) == 0
+    registered = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["registered"]
+    assert registered["name"] == "ram-official-ram" and registered["version"] == "1"
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/ram-official-ram/1")
+    image = Image.fromarray((np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8))
+    out = pyfunc.predict(pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]}), params={"threshold": 0.0})
+    assert sorted(out["tags"][0]) == sorted(tags.names)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ram_model.official.layout import LayoutError, map_official_state, unwrap_state
 from ram_model.official.resources import MODEL_NAMES, OfficialTagSet, official_tag_set
+from ram_model.registry import create_unfilled_model
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,6 @@ def _label_rows(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
     raise LayoutError("checkpoint has no label_embed (the tag embeddings): is it a RAM / RAM++ / Tag2Text file?")
 
 
-def _unfilled_model(name: str, overrides: Mapping[str, Any]):
-    """The model with allocated but unset weights (a random init of Swin-L + BERT costs ~30 s of
-    CPU for values that are all overwritten); computed buffers (Swin's relative position index
-    and shifted-window masks) are filled. :func:`map_official_state` checks every weight is set."""
-    from timm.models._manipulate import reinit_non_persistent_buffers
-
-    from ram_model.registry import create_model
-
-    with torch.device("meta"):
-        model = create_model(name, pretrained=False, **overrides)
-    model.to_empty(device="cpu")
-    reinit_non_persistent_buffers(model)
-    return model
-
-
 def build_from_official_state(state: Mapping[str, torch.Tensor], arch: str, model_name: str | None = None,
                               tag_set: OfficialTagSet | None = None, **overrides: Any):
     """An :class:`~ram_model.official.model.OfficialRamModel` (eval mode) holding ``state``.
@@ -85,7 +71,7 @@ def build_from_official_state(state: Mapping[str, torch.Tensor], arch: str, mode
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown arch {arch!r} (known: {', '.join(MODEL_NAMES)})")
     tags = tag_set or official_tag_set(arch)
-    model = _unfilled_model(model_name or MODEL_NAMES[arch], overrides)
+    model = create_unfilled_model(model_name or MODEL_NAMES[arch], **overrides)
     if model.config.official_arch != arch:
         raise ValueError(f"config {model.config.name} is for {model.config.official_arch!r}, not {arch!r}")
     rows = _label_rows(state)
