@@ -70,6 +70,18 @@ def test_tiny_checkpoint_round_trips_through_importer(arch, tmp_path):
         assert torch.equal(imported.tag_logits(x), want)
         assert torch.equal(reloaded.tag_logits(x), want)
     assert reloaded.tag_names == list(tags.names) and reloaded.config.official_arch == arch
+    # served like any ramflow model: the Tagger scores the model's own tag set (RAM++: its
+    # description table, Tag2Text: its learned embeddings) through the per-call path
+    from ram_model.inference import Tagger
+
+    pictures = [Image.fromarray((np.random.default_rng(i).random((120, 90, 3)) * 255).astype(np.uint8))
+                for i in range(2)]
+    scores = Tagger(reloaded).scores(pictures)
+    from ram_model.inference import preprocess
+
+    with torch.no_grad():
+        direct = torch.sigmoid(model.tag_logits(preprocess(pictures, reloaded.data_config))).numpy()
+    np.testing.assert_allclose(scores, direct, rtol=0, atol=1e-6)
     extra = read_checkpoint(path)["extra"]
     assert extra["source"] == "official" and extra["official_arch"] == arch
     if model.config.caption:  # the caption branch is mapped too: same greedy caption

@@ -190,6 +190,8 @@ class OfficialRamModel(RamModel):
         """``[B, C]`` logits over the model's tags (or the ``tag_ids`` subset), or over a per-call
         ``label_embed``: ``[C, text_dim]`` (RAM, RAM++) or ``[C, D, text_dim]`` (RAM++ descriptions);
         the model is not changed."""
+        if label_embed is not None and _same_tensor(label_embed, self.label_embed):
+            label_embed = None  # the model's own table (a Tagger's default tag set)
         if label_embed is not None:
             ok = label_embed.shape[-1] == self.config.text_dim and (
                 label_embed.ndim == 2 or (label_embed.ndim == 3 and self.arch == "ram_plus"))
@@ -252,6 +254,10 @@ class OfficialRamModel(RamModel):
         prompt = torch.tensor([tok.prompt_ids(CAPTION_PROMPT)], device=tokens.device).expand(images.shape[0], -1)
         ids = self.text_decoder.greedy(memory, prompt, tok.eos_id, tok.pad_id, max_len or 30, min_len)
         return tok.decode(ids[:, prompt.shape[1]:].cpu())
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.device == b.device and a.data_ptr() == b.data_ptr()
 
 
 def _attention_weights(attn, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
