@@ -6,6 +6,11 @@ written deterministically (fixed member order, mtime 0, no owner names), so the 
 gives byte-identical shards, and atomically (written to ``*.tmp`` then renamed), so a crashed
 job never leaves a half shard that looks complete.
 
+Reading a tar as a stream, ``tarfile`` takes a cut or corrupt header after the first member for
+the end of the archive, so a truncated file reads as a shorter, complete one. :class:`TarEndWatch`
+records why the member list ended, so readers can tell a proper end (an end-of-archive block,
+nothing but zeros after it) from a cut (see :meth:`TarEndWatch.end_problem`).
+
 Later stages read shards with :func:`iter_samples` (one process, every sample of the given
 shards, in order) or :func:`make_dataset` (a ``webdataset`` pipeline for a torch
 ``DataLoader``, split across nodes and workers by shard).
@@ -27,6 +32,66 @@ from data_engine.formats import MANIFEST_COLUMNS, manifest_path
 IMAGE_EXT = "jpg"
 CAPTION_EXT = "txt"
 META_EXT = "json"
+
+
+class TarEndWatch:
+    """Remembers the header error that ended a tar's member list (use its ``tarinfo``).
+
+    ``tarfile.open(..., tarinfo=watch.tarinfo)`` reads headers through a ``TarInfo`` subclass
+    whose ``fromtarfile`` notes the ``tarfile.HeaderError`` that stopped the listing:
+    ``EOFHeaderError`` (a zero block: the end-of-archive marker) is a proper end,
+    ``EmptyHeaderError`` (no bytes left), ``TruncatedHeaderError`` (a partial block) and
+    ``InvalidHeaderError`` (bad checksum) mean the archive was cut or is corrupt there.
+    """
+
+    def __init__(self) -> None:
+        self.header_error: tarfile.HeaderError | None = None
+        watch = self
+
+        class _WatchedInfo(tarfile.TarInfo):
+            @classmethod
+            def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+                try:
+                    return super().fromtarfile(tar)
+                except tarfile.HeaderError as err:
+                    watch.header_error = err
+                    raise
+
+        self.tarinfo = _WatchedInfo
+
+    @property
+    def cut_in_first_header(self) -> bool:
+        """After a failed open: the file is empty or ends inside its first header block."""
+        return isinstance(self.header_error, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError))
+
+    @property
+    def marker_seen(self) -> bool:
+        """The listing stopped at an end-of-archive block (every member before it is complete)."""
+        return isinstance(self.header_error, tarfile.EOFHeaderError)
+
+    def end_problem(self, tar: tarfile.TarFile) -> str | None:
+        """Call once iterating ``tar`` stopped: ``None`` for a proper end, else what is wrong.
+
+        A proper end is an end-of-archive block followed by nothing but zero bytes (the second
+        zero block and the record padding; a missing second block loses nothing and is
+        accepted, as GNU tar does). Reads the rest of the stream to check the trailing bytes.
+        """
+        err = self.header_error
+        if isinstance(err, tarfile.EOFHeaderError):
+            try:
+                while chunk := tar.fileobj.read(tarfile.RECORDSIZE):
+                    if chunk.strip(b"\0"):
+                        return "non-zero bytes after the end-of-archive marker"
+            except Exception as read_err:  # e.g. a compressed stream cut after the marker
+                return f"unreadable after the end-of-archive marker: {read_err}"
+            return None
+        if isinstance(err, tarfile.EmptyHeaderError):
+            return "ends without an end-of-archive marker"
+        if isinstance(err, tarfile.TruncatedHeaderError):
+            return "ends inside a member header"
+        if isinstance(err, tarfile.InvalidHeaderError):
+            return f"corrupt member header ({err})"
+        return f"member list ended without a header error ({err!r})"
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -110,9 +175,14 @@ def _decode_sample(group: dict[str, Any], decode: bool) -> ShardSample:
 
 
 def _iter_groups(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Group a canonical shard's members by key (members of a sample are contiguous)."""
+    """Group a canonical shard's members by key (members of a sample are contiguous).
+
+    Raises ``ValueError`` when the shard is truncated or corrupt (canonical shards are written
+    atomically, so this is damage on disk; reading on would silently drop its tail).
+    """
     current: dict[str, Any] | None = None
-    with tarfile.open(path, "r|") as tar:
+    watch = TarEndWatch()
+    with tarfile.open(path, "r|", tarinfo=watch.tarinfo) as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -123,6 +193,9 @@ def _iter_groups(path: str | Path) -> Iterator[dict[str, Any]]:
                 current = {"__key__": key, "__url__": str(path)}
             handle = tar.extractfile(info)
             current[ext] = handle.read() if handle is not None else b""
+        problem = watch.end_problem(tar)
+    if problem is not None:
+        raise ValueError(f"shard {path} is truncated or corrupt: {problem}; re-run `ramflow ingest`")
     if current is not None:
         yield current
 

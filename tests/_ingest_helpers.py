@@ -36,6 +36,45 @@ def png_bomb_header(width=200_000, height=200_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of ``(name, data)`` members, in memory (as :func:`write_tar` writes)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def tar_layout(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """``name -> (header offset, data offset, data size)`` of every member of a tar."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {info.name: (info.offset, info.offset_data, info.size) for info in tar.getmembers()}
+
+
+def members_end(data: bytes) -> int:
+    """Where the end-of-archive blocks start (after the last member's padded data)."""
+    return max(start + -(-size // 512) * 512 for _, start, size in tar_layout(data).values())
+
+
+def tar_boundaries(data: bytes) -> list[int]:
+    """Byte offsets around every member's header and data (start, +1, data start, middle,
+    data end, padded end) and the end-of-archive blocks: the cut points that matter most."""
+    points = set()
+    for offset, start, size in tar_layout(data).values():
+        padded = start + -(-size // 512) * 512
+        points.update({offset, offset + 1, offset + 511, start, start + size // 2, start + size, padded - 1, padded})
+    last = members_end(data)
+    points.update({last + 1, last + 511, last + 512, last + 513, last + 1024, len(data)})
+    return sorted(p for p in points if 0 <= p <= len(data))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]], symlinks: tuple[str, ...] = ()) -> Path:
     """A tar with the given ``(name, data)`` members (in order) plus symlink members."""
     with tarfile.open(path, "w") as tar:

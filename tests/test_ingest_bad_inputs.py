@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from _ingest_helpers import cut_tar_inside, image_bytes, png_bomb_header, sample_members, truncated_jpeg, write_coco, write_tar
-from data_engine.ingest import IngestConfig, ImageRejected, ingest, normalize_image
+from data_engine.ingest import EmptyIngestError, IngestConfig, ImageRejected, ingest, normalize_image
 from data_engine.ingest.pipeline import summary_path
 from data_engine.shards import read_manifest
 
@@ -82,9 +82,12 @@ def test_img2dataset_bad_members_counted(tmp_path):
         "missing_image": 1,
         "stray_member": 1,
         "truncated_image": 1,
-        "unreadable_member": 3,  # link.jpg, lost (cut tar), 00002.tar (not a tar)
+        "truncated_shard": 1,  # 00001.tar, cut inside lost.jpg: good3 is kept
+        "unreadable_member": 2,  # link.jpg, 00002.tar (not a tar)
     }
     assert summary.total.seen == 14
+    assert summary.truncated_shards == {"pretrain": [str(src / "00001.tar")]}
+    assert f"truncated input shard(s), samples after the cut lost: {src / '00001.tar'}" in summary.format()
     _assert_adds_up(summary, tmp_path / "data")
 
 
@@ -126,11 +129,12 @@ def test_table_bad_rows_counted(tmp_path):
     _assert_adds_up(summary, tmp_path / "data")
 
 
-def test_everything_skipped_still_summarised(tmp_path):
+def test_everything_skipped_is_an_error_with_the_counts(tmp_path):
     write_tar(tmp_path / "bad.tar", sample_members("a", "") + sample_members("b", None))
-    summary = ingest("img2dataset", tmp_path / "data", CFG, path=tmp_path / "bad.tar")
-    assert summary.total.written == 0 and summary.total.seen == 2
-    _assert_adds_up(summary, tmp_path / "data")
+    with pytest.raises(EmptyIngestError, match=r"read 2 item\(s\), skipped: empty_caption=1, missing_caption=1") as err:
+        ingest("img2dataset", tmp_path / "data", CFG, path=tmp_path / "bad.tar")
+    assert (err.value.counts.seen, err.value.counts.written) == (2, 0)
+    assert not (tmp_path / "data" / "raw" / "pretrain").exists()  # no empty split was put in place
 
 
 def test_failing_pipe_url_counted_once(tmp_path):

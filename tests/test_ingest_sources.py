@@ -109,6 +109,8 @@ def test_reingesting_a_split_replaces_it_and_keeps_others(tmp_path):
     # the same key in two splits is refused at merge time (keys are unique across splits)
     with pytest.raises(ValueError, match="more than one"):
         ingest("img2dataset", root, CFG, path=tmp_path / "z.tar", split="test")
+    assert sorted(read_manifest(root)["key"]) == ["y", "z"]  # refused before anything was replaced
+    assert [s.key for s in iter_samples(list_shards(root, "test"), decode=False)] == ["y"]
 
 
 def test_sanitize_key():

@@ -12,7 +12,9 @@ SOURCES: tuple[str, ...] = ("embedded", "img2dataset", "coco", "table")
 # Why an input item was not written. Every item read from a source ends up either written
 # or counted under exactly one of these, so ``seen == written + sum(skipped.values())``.
 SKIP_REASONS: dict[str, str] = {
-    "unreadable_member": "a tar member (or the rest of a truncated tar) could not be read",
+    "unreadable_member": "a tar member could not be read, or a shard could not be opened / is not a tar",
+    "truncated_shard": "a tar shard ends early (cut, corrupt header, data after its end): one count "
+    "per shard for the sample being read and the rest, whose number is unknowable",
     "stray_member": "a tar member that is not part of a {key}.{ext} sample",
     "missing_image": "no image: absent file, or a sample without an image member",
     "invalid_key": "the key is empty after sanitizing",
@@ -85,6 +87,9 @@ class IngestSummary(BaseModel):
     counts_add_up: bool
     sources: list[str] = Field(default_factory=list)
     noise: dict[str, dict[str, Any]] | None = None
+    truncated_shards: dict[str, list[str]] = Field(
+        default_factory=dict, description="per split: input shards that ended early (truncated_shard)"
+    )
     seconds: float | None = None
 
     def format(self) -> str:
@@ -95,6 +100,8 @@ class IngestSummary(BaseModel):
         for name, counts in [*self.splits.items(), ("total", self.total)]:
             skipped = ", ".join(f"{k}={v}" for k, v in counts.skipped.items()) or "none"
             lines.append(f"{name:<10} {counts.seen:>8} {counts.written:>8} {counts.shards:>6}  {skipped}")
+        for name, urls in self.truncated_shards.items():
+            lines.append(f"{name}: truncated input shard(s), samples after the cut lost: {', '.join(urls)}")
         verdict = "yes" if self.counts_add_up else "NO"
         lines.append(f"counts add up (seen == written + skipped): {verdict}")
         if self.noise:

@@ -9,9 +9,10 @@ What one "item" is, per source:
 
 * img2dataset tars: one ``{key}.*`` group of contiguous members (webdataset's rule: the key is
   the file name up to its first ``.``). A member that cannot be read makes its whole sample
-  ``unreadable_member``; a truncated or corrupt archive makes the rest of that shard one
-  ``unreadable_member`` item (its sample count is unknowable); a member named without an
-  extension is one ``stray_member`` item.
+  ``unreadable_member``; a truncated or corrupt archive (no end-of-archive block, a cut or
+  corrupt header, data ending early, non-zero bytes after the end) makes the sample being
+  read and the rest of that shard one ``truncated_shard`` item (their count is unknowable);
+  a member named without an extension is one ``stray_member`` item.
 * COCO captions JSON: one image. Its captions stay together: ``caption`` is the first
   non-empty caption in annotation order and ``{key}.json`` keeps all of them under
   ``captions``. The key is the file-name stem. Annotations whose ``image_id`` has no image
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from data_engine.ingest.images import clean_caption
+from data_engine.shards import TarEndWatch
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,15 @@ class RawPair:
 # --------------------------------------------------------------------------- img2dataset
 
 
-def resolve_tar_urls(spec: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs from a local folder (its ``*.tar``), a file, a URL or a brace pattern."""
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _expand_tar_urls(spec: str | Path | Sequence[str | Path]) -> list[str]:
     from webdataset.shardlists import expand_urls
 
     if isinstance(spec, (list, tuple)):
-        return [url for item in spec for url in resolve_tar_urls(item)]
+        return [url for item in spec for url in _expand_tar_urls(item)]
     text = str(spec)
     local = Path(text)
     if local.is_dir():
@@ -70,6 +75,24 @@ def resolve_tar_urls(spec: str | Path | Sequence[str | Path]) -> list[str]:
             raise FileNotFoundError(f"{local}: no *.tar shards in this folder")
         return urls
     return list(expand_urls(text))
+
+
+def resolve_tar_urls(spec: str | Path | Sequence[str | Path]) -> list[str]:
+    """Shard URLs from a local folder (its ``*.tar``), a file, a URL or a brace pattern.
+
+    Raises ``FileNotFoundError`` when nothing is named, a folder holds no ``*.tar``, or every
+    named shard is a local path that does not exist (a mistyped path must not read as an empty
+    source). Some missing shards among others that exist are counted later
+    (``unreadable_member``) as are remote URLs that fail.
+    """
+    urls = _expand_tar_urls(spec)
+    if not urls:
+        raise FileNotFoundError(f"{spec!r}: names no tar shard")
+    missing = [u for u in urls if _is_local(u) and not Path(u).exists()]
+    if len(missing) == len(urls):
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"no such tar shard: {shown}")
+    return urls
 
 
 def _split_name(name: str) -> tuple[str | None, str | None]:
@@ -116,28 +139,45 @@ class _Group:
 
 
 def _iter_tar(url: str) -> Iterator[RawPair]:
+    """Pairs of one tar shard; a cut or corrupt archive ends in one ``truncated_shard`` item.
+
+    A sample counts as read once the archive shows it ended: the next sample's first header or
+    the end-of-archive block. When the archive stops early (no end-of-archive block, a cut or
+    corrupt header, a member whose data ends early), the samples before the cut are yielded,
+    and the sample being read plus the unknowable rest become one ``truncated_shard`` item
+    (key: the shard URL) whose detail names the shard and says how many samples came before.
+    """
     import webdataset as wds
 
-    group: _Group | None = None
-    lost = False  # whether a failure of this shard was already counted
     try:
         stream = wds.gopen(url)
     except Exception as err:
         yield RawPair(url, skip="unreadable_member", detail=f"cannot open shard: {err}")
         return
+    watch = TarEndWatch()
+    group: _Group | None = None
+    samples = 0  # groups yielded so far (the samples read before any cut)
+    cut: str | None = None  # why the archive stopped early
+    unopened: str | None = None  # not a tar at all (or an unreadable compressed stream)
     close_error: Exception | None = None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        members = iter(tar)
-        while True:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=watch.tarinfo)
+        except Exception as err:
+            if watch.cut_in_first_header:
+                cut = f"ends inside its first header ({err})"
+            else:
+                unopened = f"not a readable tar: {err}"
+            tar = None
+        members = iter(tar) if tar is not None else iter(())
+        while tar is not None:
             try:
                 info = next(members)
             except StopIteration:
+                cut = watch.end_problem(tar)
                 break
-            except Exception as err:  # truncated or corrupt archive: the rest is lost
-                if group is None or group.error is None:  # else: the same failure, counted there
-                    lost = True
-                    yield RawPair(f"{url}#rest", skip="unreadable_member", detail=str(err))
+            except Exception as err:  # a member whose data ends early, a bad header after it
+                cut = f"unreadable from byte {tar.offset}: {err}"
                 break
             if info.isdir():
                 continue
@@ -147,6 +187,7 @@ def _iter_tar(url: str) -> Iterator[RawPair]:
                 continue
             if group is None or group.key != key or ext in group.members:
                 if group is not None:
+                    samples += 1
                     yield group.to_pair()
                 group = _Group(key, url)
             if not info.isfile():
@@ -155,25 +196,30 @@ def _iter_tar(url: str) -> Iterator[RawPair]:
             try:
                 handle = tar.extractfile(info)
                 group.members[ext] = handle.read() if handle is not None else b""
-            except Exception as err:
+            except Exception as err:  # the data ends early: the next header read reports the cut
                 group.error = f"{info.name}: {err}"
-                lost = True
-    except Exception as err:  # not a tar at all (or an unreadable compressed stream)
-        lost = True
-        if group is None:
-            yield RawPair(url, skip="unreadable_member", detail=f"not a readable tar: {err}")
-        elif group.error is None:
-            group.error = str(err)
+    except Exception as err:  # anything else that stops the read: the rest of the shard is lost
+        cut = f"read failed: {type(err).__name__}: {err}"
     finally:
         try:
             stream.close()  # a pipe (curl, pipe:...) that exited non-zero raises here
         except Exception as err:
             close_error = err
-    if group is not None:
-        yield group.to_pair()
+    if unopened is not None:
+        yield RawPair(url, skip="unreadable_member", detail=unopened)
+    elif cut is not None and not watch.marker_seen:
+        # the open group is not known to be complete: it is part of what the cut lost
+        log.warning("%s: truncated shard, %s; %d sample(s) read before the cut", url, cut, samples)
+        yield RawPair(url, skip="truncated_shard", detail=f"{url}: {cut}; {samples} sample(s) before the cut")
+    else:
+        if group is not None:
+            yield group.to_pair()
+        if cut is not None:  # every member was read, but something follows the end marker
+            log.warning("%s: truncated shard, %s", url, cut)
+            yield RawPair(url, skip="truncated_shard", detail=f"{url}: {cut}")
     if close_error is not None:
         log.warning("%s: stream ended with an error: %s", url, close_error)
-        if not lost:  # data may be missing although the tar looked complete
+        if unopened is None and cut is None:  # data may be missing although the tar looked complete
             yield RawPair(f"{url}#close", skip="unreadable_member", detail=str(close_error))
 
 
@@ -186,6 +232,24 @@ def iter_img2dataset(spec: str | Path | Sequence[str | Path]) -> Iterator[RawPai
 # --------------------------------------------------------------------------- COCO captions
 
 
+def _check_coco_types(path: Path, data: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first entry whose JSON type is wrong (a malformed file
+    is refused whole rather than half ingested)."""
+    for field_name in ("images", "annotations"):
+        entries = data[field_name]
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: '{field_name}' must be a list, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}: {field_name}[{i}] must be an object, got {type(entry).__name__}")
+            ident = entry.get("image_id" if field_name == "annotations" else "id")
+            if not isinstance(ident, (int, str, type(None))) or isinstance(ident, bool):
+                raise ValueError(f"{path}: {field_name}[{i}] has an id of type {type(ident).__name__}")
+            name = entry.get("file_name")
+            if field_name == "images" and not isinstance(name, (str, type(None))):
+                raise ValueError(f"{path}: images[{i}].file_name must be a string, got {type(name).__name__}")
+
+
 def iter_coco(captions_json: str | Path, images_dir: str | Path | None = None) -> Iterator[RawPair]:
     """Pairs from a COCO captions file (``images``: id/file_name; ``annotations``:
     image_id/caption) and its image folder (default: the JSON's folder)."""
@@ -195,6 +259,7 @@ def iter_coco(captions_json: str | Path, images_dir: str | Path | None = None) -
         data = json.load(f)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations')")
+    _check_coco_types(captions_json, data)
     by_image: dict[Any, list[Any]] = {}
     for ann in data["annotations"]:
         by_image.setdefault(ann.get("image_id"), []).append(ann.get("caption"))

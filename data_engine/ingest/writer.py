@@ -1,11 +1,13 @@
 """Check, normalise and write a stream of :class:`RawPair` into shards of one split.
 
 Each written shard ``raw/{split}/{split}-{i:06d}.tar`` gets a manifest part
-``raw/parts/{split}-{i:06d}.parquet`` (its manifest rows) and ``.json`` (its counts: seen,
-written, skipped by reason). The part JSON is written last, so it marks a finished shard;
-:func:`data_engine.ingest.pipeline.merge_manifests` joins the parts into
-``raw/manifest.parquet`` and ``raw/summary.json``. Items skipped while a shard is being filled
-are counted in that shard's part; skips after the last written sample go to the last shard.
+``raw/{split}/parts/{split}-{i:06d}.parquet`` (its manifest rows) and ``.json`` (its counts:
+seen, written, skipped by reason, truncated input shards). The part JSON is written last, so
+it marks a finished shard; :func:`data_engine.ingest.pipeline.merge_manifests` joins the parts
+into ``raw/manifest.parquet`` and ``raw/summary.json``. Items skipped while a shard is being
+filled are counted in that shard's part; skips after the last written sample go to the last
+shard. A split's shards and parts live in one folder, so a whole split can be written
+elsewhere (``split_dir``, a staging folder) and swapped in with one rename.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from data_engine.formats import MANIFEST_COLUMNS, shard_path
+from data_engine.formats import MANIFEST_COLUMNS, raw_dir, shard_path
 from data_engine.ingest.config import IngestConfig, SplitCounts
 from data_engine.ingest.images import EncodedImage, ImageRejected, clean_caption, normalize_image, sanitize_key
 from data_engine.ingest.sources import RawPair
@@ -47,14 +49,24 @@ MANIFEST_SCHEMA = pa.schema(
 assert tuple(MANIFEST_SCHEMA.names) == MANIFEST_COLUMNS
 
 
-def parts_dir(root: str | Path) -> Path:
-    return Path(root) / "raw" / "parts"
+PARTS = "parts"
+LEGACY_PARTS_DIR = ("raw", "parts")  # where parts lived before they moved into the split folder
+
+
+def parts_dir(split_dir: str | Path) -> Path:
+    """The manifest parts of one split folder (``raw/{split}`` or its staging folder)."""
+    return Path(split_dir) / PARTS
+
+
+def dir_part_paths(split_dir: str | Path, split: str, index: int) -> tuple[Path, Path]:
+    """``(rows.parquet, counts.json)`` of one shard's manifest part inside ``split_dir``."""
+    stem = parts_dir(split_dir) / f"{split}-{index:06d}"
+    return stem.with_suffix(".parquet"), stem.with_suffix(".json")
 
 
 def part_paths(root: str | Path, split: str, index: int) -> tuple[Path, Path]:
-    """``(rows.parquet, counts.json)`` of one shard's manifest part."""
-    stem = parts_dir(root) / f"{split}-{index:06d}"
-    return stem.with_suffix(".parquet"), stem.with_suffix(".json")
+    """``(rows.parquet, counts.json)`` of one shard's manifest part under ``root``."""
+    return dir_part_paths(raw_dir(root, split), split, index)
 
 
 def _json_ready(value: Any) -> Any:
@@ -129,25 +141,34 @@ def _precheck(pairs: Iterable[RawPair]) -> Iterator[RawPair]:
 class _ShardRoller:
     """Writes results into consecutive shards of one split, with one manifest part per shard."""
 
-    def __init__(self, root: Path, split: str, source: str, shard_size: int | None, first_index: int) -> None:
-        self.root, self.split, self.source = root, split, source
+    def __init__(
+        self, root: Path, split: str, source: str, shard_size: int | None, first_index: int, split_dir: Path,
+    ) -> None:
+        self.root, self.split, self.source, self.split_dir = root, split, source, split_dir
         self.shard_size, self.index = shard_size, first_index
         self.total = SplitCounts()
+        self.truncated: list[str] = []  # input shards that ended early (all of this run)
         self._writer: ShardWriter | None = None
         self._rows: list[dict[str, Any]] = []
         self._skipped: Counter[str] = Counter()
+        self._truncated: list[str] = []  # of the open shard
         self._seen = 0
         self._last_part: tuple[Path, dict[str, Any]] | None = None
-        parts_dir(root).mkdir(parents=True, exist_ok=True)
+        parts_dir(split_dir).mkdir(parents=True, exist_ok=True)
 
-    def skip(self, reason: str) -> None:
+    def _shard_file(self) -> Path:
+        return self.split_dir / shard_path(self.root, self.split, self.index).name
+
+    def skip(self, reason: str, key: str) -> None:
         self._seen += 1
         self._skipped[reason] += 1
+        if reason == "truncated_shard":  # the key of such an item is the input shard's URL
+            self._truncated.append(key)
 
     def write(self, result: _Result) -> None:
         assert result.encoded is not None
         if self._writer is None:
-            self._writer = ShardWriter(shard_path(self.root, self.split, self.index))
+            self._writer = ShardWriter(self._shard_file())
         enc = result.encoded
         meta = _json_ready(result.meta)
         meta.update(
@@ -158,7 +179,7 @@ class _ShardRoller:
         self._rows.append(
             dict(
                 key=result.key, split=self.split,
-                shard=self._writer.path.relative_to(self.root).as_posix(),
+                shard=shard_path(self.root, self.split, self.index).relative_to(self.root).as_posix(),
                 caption=result.caption, width=enc.width, height=enc.height,
                 sha256=enc.sha256, source=self.source,
             )
@@ -169,18 +190,20 @@ class _ShardRoller:
 
     def _close_shard(self) -> None:
         if self._writer is None:  # a shard that only saw skipped items still exists, empty
-            self._writer = ShardWriter(shard_path(self.root, self.split, self.index))
+            self._writer = ShardWriter(self._shard_file())
         self._writer.close()
-        rows_path, counts_path = part_paths(self.root, self.split, self.index)
+        rows_path, counts_path = dir_part_paths(self.split_dir, self.split, self.index)
         pq.write_table(pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA), rows_path)
         counts = SplitCounts(
             seen=self._seen, written=len(self._rows), skipped=dict(sorted(self._skipped.items())), shards=1
         )
-        record = {"split": self.split, "shard": self.index, "source": self.source, **counts.model_dump()}
+        record = {"split": self.split, "shard": self.index, "source": self.source,
+                  "truncated_shards": self._truncated, **counts.model_dump()}
         counts_path.write_text(json.dumps(record, indent=1, sort_keys=True))
         self.total = self.total.add(counts)
+        self.truncated += self._truncated
         self._last_part = (counts_path, record)
-        self._writer, self._rows, self._skipped, self._seen = None, [], Counter(), 0
+        self._writer, self._rows, self._skipped, self._truncated, self._seen = None, [], Counter(), [], 0
         self.index += 1
 
     def finish(self) -> SplitCounts:
@@ -191,10 +214,12 @@ class _ShardRoller:
             counts_path, record = self._last_part
             skipped = Counter(record["skipped"])
             skipped.update(self._skipped)
-            record.update(seen=record["seen"] + self._seen, skipped=dict(sorted(skipped.items())))
+            record.update(seen=record["seen"] + self._seen, skipped=dict(sorted(skipped.items())),
+                          truncated_shards=record["truncated_shards"] + self._truncated)
             counts_path.write_text(json.dumps(record, indent=1, sort_keys=True))
             self.total = self.total.add(SplitCounts(seen=self._seen, skipped=dict(self._skipped)))
-            self._seen, self._skipped = 0, Counter()
+            self.truncated += self._truncated
+            self._seen, self._skipped, self._truncated = 0, Counter(), []
         return self.total
 
 
@@ -209,18 +234,22 @@ def write_pairs(
     workers: int | None = None,
     total: int | None = None,
     desc: str | None = None,
+    split_dir: str | Path | None = None,
 ) -> SplitCounts:
     """Check, normalise and write ``pairs`` into ``raw/{split}/`` shards; return the counts.
 
-    ``shard_index=None``: consecutive shards of ``cfg.shard_size`` from index 0 (the caller
-    cleared the split). ``shard_index=i``: every sample goes into shard ``i`` (shard-granular
-    work: the caller chose which items make up the shard).
+    ``shard_index=None``: consecutive shards of ``cfg.shard_size`` from index 0 (into an empty
+    folder: the caller stages a whole split). ``shard_index=i``: every sample goes into shard
+    ``i`` (shard-granular work: the caller chose which items make up the shard).
+    ``split_dir``: write the shards and parts there instead of ``raw/{split}`` (a staging
+    folder that is renamed into place); the manifest rows still name ``raw/{split}/...``.
     """
     root = Path(root)
     roller = _ShardRoller(
         root, split, source,
         shard_size=cfg.shard_size if shard_index is None else None,
         first_index=shard_index or 0,
+        split_dir=Path(split_dir) if split_dir is not None else raw_dir(root, split),
     )
     work = partial(_process, max_side=cfg.max_side, max_pixels=cfg.max_pixels, jpeg_quality=cfg.jpeg_quality)
     workers = cfg.workers if workers is None else workers
@@ -234,7 +263,7 @@ def write_pairs(
             if result.reason is None:
                 roller.write(result)
             else:
-                roller.skip(result.reason)
+                roller.skip(result.reason, result.key)
     except BaseException:
         if roller._writer is not None:
             roller._writer.close(commit=False)
