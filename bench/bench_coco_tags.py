@@ -1,17 +1,28 @@
-"""Caption-parsed tags vs true COCO labels as training targets, on real COCO photos.
+"""Real COCO photos: the RAM recipe against a linear probe on the same backbone, side by side.
 
-The question RAM's data engine answers: how much tagging quality is lost when the training
-labels come from parsing captions instead of human object annotations? Both runs train the
-registered ``ram_effnet_lite0`` (ImageNet EfficientNet-Lite0, caption branch off) on the same
-half of ``coco_dev`` with the same seed, steps and hyper-parameters; only ``tag_targets``
-differ: (a) tags parsed from the 5 captions of each image (``CaptionParser``), normalised with
-the pipeline's label system (``build_label_system``: COCO-80 seed + synonyms file + WordNet merges,
-built from those same parsed captions) and restricted to the 80 COCO classes; (b) the true COCO
-labels. Both are scored on the other half against the true labels; the figure of interest is the
-ratio parsed / true, measured in the same run. The split is deterministic: images sorted by
-``sha1(str(image_id))``, first half trains.
+One run, one split, one set of backbone weights (ImageNet EfficientNet-Lite0 of
+``ram_effnet_lite0``), every image decoded and run through the frozen backbone once per view
+(the photo squashed to ``--image-size`` and its mirror image; ``ram_model.feature_head``):
 
-    .venv/bin/python bench/bench_coco_tags.py --epochs 20 --json-out /tmp/coco_tags.json
+* ``probe_parsed`` / ``probe_true``: one logistic regression per COCO-80 class on the pooled
+  backbone features, trained on the labels parsed from the captions / on the true labels;
+* ``ram_parsed``: the RAM decoder (query readout, ``ram_effnet_lite0``'s head) trained on the
+  cached tokens with the parsed labels - the preliminary model;
+* ``ram_engine``: the data engine (``data_engine.feature_engine``: out-of-fold tagging of the
+  training images, a threshold set against the parsed labels only) adds labels; the
+  preliminary model is then fine-tuned on the engine's labels (``ram_engine_retrained``: trained
+  from scratch on them instead);
+* ``ram_true``: the RAM decoder on the true labels (the ceiling of the recipe).
+
+Parsed labels: ``CaptionParser`` tags of an image's captions, mapped to COCO-80 with
+``data_engine.coco80`` (the scoring harness' longest-suffix synonym rule). All models are scored
+on the evaluation half against the true COCO-80 labels; each difference of interest gets a
+paired bootstrap interval over the evaluation images. Split: rows sorted by
+``sha1(str(image_id))``, first half trains. Hyper-parameters are fixed in advance (defaults
+below), or, with ``--select``, chosen by k-fold cross-validation inside the training half.
+
+    .venv/bin/python bench/bench_coco_tags.py                 # data: ../shared/data/coco_dev
+    .venv/bin/python bench/bench_coco_tags.py --data PATH/coco_caption_objects.jsonl --out DIR
 """
 
 from __future__ import annotations
@@ -21,7 +32,6 @@ import hashlib
 import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("bench_coco_tags")
 
-DATA = Path("/work/shared/data/coco_dev")
+DEFAULT_DATA = Path("..") / "shared" / "data" / "coco_dev" / "coco_caption_objects.jsonl"  # repo-relative
+DEFAULT_OUT = Path("bench") / "results" / "coco_tags"
+MODEL = "ram_effnet_lite0"
 
 
 def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -52,181 +64,253 @@ def multi_hot(label_lists: list[list[str]], names: list[str]) -> np.ndarray:
     return out
 
 
-def parsed_coco_labels(rows: list[dict], coco_names: list[str], work: Path) -> tuple[list[list[str]], dict]:
-    """Per image: COCO-80 names its captions' parsed tags map to (pipeline label system)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from data_engine.label_system import LabelSystemConfig, build_label_system
-    from data_engine.parsing import CaptionParser, ParseConfig
-
-    caps = [c for r in rows for c in r["captions"]]
-    owner = [i for i, r in enumerate(rows) for _ in r["captions"]]
-    t0 = time.perf_counter()
-    parsed = CaptionParser(ParseConfig(n_process=1)).parse_batch(caps)
-    parse_s = time.perf_counter() - t0
-    path = work / "parsed.parquet"
-    pq.write_table(pa.table({"key": [str(i) for i in range(len(caps))], "caption": caps,
-                             "tags": [p.tags for p in parsed], "categories": [p.categories for p in parsed],
-                             "status": [p.status for p in parsed]}), path)
-    ls = build_label_system([path], LabelSystemConfig(seed_files=["coco80"]), work / "label_system")
-    coco = set(coco_names)
-    missing = sorted(coco - set(ls.names))
-    if missing:
-        raise RuntimeError(f"label system lost COCO classes {missing}")
-    per_image: list[dict[str, None]] = [{} for _ in rows]
-    for i, p in zip(owner, parsed):
-        for idx in ls.to_ids(p.tags):
-            name = ls.labels[idx].name
-            if name in coco:
-                per_image[i][name] = None
-    stats = {"captions": len(caps), "parse_seconds": round(parse_s, 2),
-             "skipped_captions": sum(p.status != "ok" for p in parsed),
-             "label_system_size": len(ls)}
-    return [sorted(d) for d in per_image], stats
+def shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repo root when below it or beside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        try:
+            return str(Path("..") / path.resolve().relative_to(ROOT.parent))
+        except ValueError:
+            return path.name
 
 
-def label_agreement(pred: np.ndarray, true: np.ndarray) -> dict:
-    """Micro P/R/F1 of parsed labels against true labels, plus per-image averages."""
-    tp, fp, fn = (pred * true).sum(), (pred * (1 - true)).sum(), ((1 - pred) * true).sum()
-    return {"micro_precision": float(tp / max(tp + fp, 1)), "micro_recall": float(tp / max(tp + fn, 1)),
-            "micro_f1": float(2 * tp / max(2 * tp + fp + fn, 1)),
-            "labels_per_image_parsed": float(pred.sum(1).mean()),
-            "labels_per_image_true": float(true.sum(1).mean())}
+class Recipe:
+    """The fixed pieces shared by every model of the run (names, embeddings, backbone, tokens)."""
+
+    def __init__(self, args, names, emb, backbone, tokens):
+        from ram_model.feature_head import HeadTrainConfig
+
+        self.args, self.names, self.emb, self.backbone, self.tokens = args, names, emb, backbone, tokens
+        self.overrides = {"caption": False, "image_size": args.image_size}
+        self.head = HeadTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                    weight_decay=args.weight_decay, token_dropout=args.token_dropout,
+                                    seed=args.seed)
+
+    def fit(self, idx, y, head=None, weights=None, init=None):
+        from ram_model.feature_head import fit_head, train_head
+
+        head = head or self.head
+        if init is not None:
+            stats = train_head(init, self.tokens[idx], y, head, weights)
+            return init, stats
+        return fit_head(MODEL, self.names, self.emb, self.overrides, self.backbone, self.tokens[idx], y, head,
+                        weights)
+
+    def score(self, model, idx):
+        from ram_model.feature_head import score_head
+
+        return score_head(model, self.tokens[idx])
 
 
-def load_images(rows: list[dict], data_config: dict):
-    """All images of ``rows`` preprocessed once: ``[N, 3, S, S]``."""
-    from ram_model.inference import load_image, preprocess
+def select_epochs(recipe: Recipe, train_idx: np.ndarray, y: np.ndarray, grid: list[int], folds: int) -> dict:
+    """k-fold CV inside the training half: mean out-of-fold mAP (against ``y``) per epoch count."""
+    from ram_model.evaluate import mean_average_precision
+    from ram_model.feature_head import kfold_indices
 
-    return preprocess([load_image(DATA / r["image_path"]) for r in rows], data_config)
-
-
-def train_and_score(args, names: list[str], emb, x_train, y_train: np.ndarray, x_eval) -> tuple[np.ndarray, dict]:
-    """Train one model on ``(x_train, y_train)`` and return sigmoid scores on ``x_eval``."""
-    import torch
-
-    from ram_model.registry import create_model
-
-    torch.manual_seed(args.seed)
-    model = create_model("ram_effnet_lite0", tag_names=names, tag_embeddings=emb, caption=False,
-                         image_size=args.image_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)  # same batch order / flips in both runs
-    y = torch.from_numpy(y_train)
-    n = x_train.shape[0]
-    steps = 0
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    model.train()
-    for epoch in range(args.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n - args.batch_size + 1, args.batch_size):  # drop last partial batch
-            idx = order[start : start + args.batch_size]
-            images = x_train[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            loss = model({"image": images, "tag_targets": y[idx]})["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            steps += 1
-        log.info("epoch %d/%d loss %.4f (%.0fs)", epoch + 1, args.epochs, np.mean(losses[-(n // args.batch_size):]),
-                 time.perf_counter() - t0)
-    train_s = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad():
-        scores = torch.cat([torch.sigmoid(model.tag_logits(x_eval[i : i + 32]))
-                            for i in range(0, x_eval.shape[0], 32)]).numpy()
-    return scores, {"steps": steps, "train_seconds": round(train_s, 1), "first_loss": losses[0],
-                    "last_epoch_loss": float(np.mean(losses[-(n // args.batch_size):]))}
+    parts = kfold_indices(len(train_idx), folds, recipe.args.seed)
+    res = {}
+    for epochs in grid:
+        head = recipe.head.model_copy(update={"epochs": epochs})
+        oof = np.zeros_like(y)
+        for k, held in enumerate(parts):
+            tr = np.sort(np.concatenate([p for j, p in enumerate(parts) if j != k]))
+            model, _ = recipe.fit(train_idx[tr], y[tr], head)
+            oof[held] = recipe.score(model, train_idx[held])
+        res[epochs] = mean_average_precision(oof, y)
+        log.info("CV epochs=%d: out-of-fold mAP vs training labels %.4f", epochs, res[epochs])
+    return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DATA / "coco_caption_objects.jsonl")
-    ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--data", type=Path, default=None,
+                    help=f"coco_dev-style JSON-lines file (default: <repo>/{DEFAULT_DATA})")
+    ap.add_argument("--out", type=Path, default=None, help=f"results folder (default: <repo>/{DEFAULT_OUT})")
+    ap.add_argument("--image-size", type=int, default=320)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--finetune-epochs", type=int, default=20, help="preliminary model -> engine labels")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--thresholds", default="0.5,0.7,0.9",
-                    help="comma list; micro P/R/F1 at each (0.5 is the brief's operating point)")
+    ap.add_argument("--token-dropout", type=float, default=0.25)
+    ap.add_argument("--probe-c", type=float, default=0.1, help="inverse L2 strength of the probe")
+    ap.add_argument("--folds", type=int, default=5, help="engine out-of-fold scoring and --select")
+    ap.add_argument("--engine-precision", type=float, default=0.6,
+                    help="fraction of generated-threshold pairs the captions must name (feature_engine)")
+    ap.add_argument("--select", default="", help="comma list of epoch counts to choose from by CV in train")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="file for the cached tokens: reused when it exists (same data and --image-size)")
+    ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import torch
 
+    from data_engine.coco80 import Coco80Matcher, parsed_categories, read_jsonl
+    from data_engine.feature_engine import (FeatureEngineConfig, generate_labels, label_quality, label_weights,
+                                            out_of_fold_scores)
     from ram_model.evaluate import evaluate_scores
+    from ram_model.feature_head import (FeatureCacheConfig, extract_tokens, linear_probe_scores, new_head_model,
+                                        pooled_features)
+    from ram_model.paired_bootstrap import paired_bootstrap
     from ram_model.registry import get_config
     from ram_model.text_encoder import build_text_encoder, embed_tag_names
 
     torch.set_num_threads(args.threads)
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    data = args.data or (ROOT / DEFAULT_DATA)
+    out_dir = args.out or (ROOT / DEFAULT_OUT)
+    if not data.exists():
+        ap.error(f"{data} not found: pass --data PATH/coco_caption_objects.jsonl")
     wall0 = time.perf_counter()
-    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train_rows, eval_rows = split_rows(rows)
-    seed_file = ROOT / "data_engine" / "resources" / "seeds" / "coco80.txt"
-    names = [ln.strip() for ln in seed_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    cfg = get_config("ram_effnet_lite0", caption=False, image_size=args.image_size)
-    emb = embed_tag_names(names, build_text_encoder(cfg.text_encoder), cfg.prompt_templates)  # [80, 384]
+    train_rows, eval_rows = split_rows(read_jsonl(data))
+    rows = train_rows + eval_rows
+    n_train = len(train_rows)
+    tr, ev = np.arange(n_train), np.arange(n_train, len(rows))
+    matcher = Coco80Matcher.default()
+    names = matcher.categories
 
-    with tempfile.TemporaryDirectory() as tmp:
-        parsed_lists, parse_stats = parsed_coco_labels(train_rows, names, Path(tmp))
+    t0 = time.perf_counter()
+    parsed_lists = parsed_categories([r["captions"] for r in train_rows], matcher)
+    parse_s = time.perf_counter() - t0
     y_parsed = multi_hot(parsed_lists, names)
-    y_true_train = multi_hot([r["objects"] for r in train_rows], names)
-    y_true_eval = multi_hot([r["objects"] for r in eval_rows], names)
-    agreement = label_agreement(y_parsed, y_true_train)
-    log.info("parsed vs true labels on the training half: %s", agreement)
+    y_true = multi_hot([r["objects"] for r in rows], names)
+    y_true_train, y_true_eval = y_true[tr], y_true[ev]
+    parsed_quality = label_quality(y_parsed, y_true_train)
+    log.info("parsed labels vs truth (train half): %s", parsed_quality)
 
-    data_config = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
-    x_train, x_eval = load_images(train_rows, data_config), load_images(eval_rows, data_config)
+    cfg = get_config(MODEL, caption=False, image_size=args.image_size)
+    emb = embed_tag_names(names, build_text_encoder(cfg.text_encoder), cfg.prompt_templates)  # [80, 384]
+    base = new_head_model(MODEL, names, emb, {"caption": False, "image_size": args.image_size})
+    t0 = time.perf_counter()
+    cache_key = {"ids": [r["image_id"] for r in rows], "image_size": args.image_size}
+    if args.cache is not None and args.cache.exists() and torch.load(args.cache, weights_only=True)["key"] == cache_key:
+        tokens = torch.load(args.cache, weights_only=True)["tokens"]
+    else:
+        tokens = extract_tokens(base, [r["image_path"] for r in rows],
+                                FeatureCacheConfig(image_size=args.image_size))  # [N, 2, hw, 1280]
+        if args.cache is not None:
+            args.cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": cache_key, "tokens": tokens}, args.cache.with_suffix(".tmp"))
+            args.cache.with_suffix(".tmp").replace(args.cache)
+    extract_s = time.perf_counter() - t0
+    recipe = Recipe(args, names, emb, base.visual_encoder, tokens)
+    feats = pooled_features(tokens)  # [N, 2, 1280]
+
+    selection = {}
+    if args.select:
+        grid = [int(x) for x in args.select.split(",") if x.strip()]
+        selection = select_epochs(recipe, tr, y_parsed, grid, args.folds)
+        recipe.head = recipe.head.model_copy(update={"epochs": max(selection, key=selection.get)})
+        log.info("selected epochs=%d", recipe.head.epochs)
+
+    scores: dict[str, np.ndarray] = {}
+    timing: dict[str, float] = {}
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        timing[name] = round(time.perf_counter() - t, 1)
+        return out
+
+    scores["probe_parsed"] = timed("probe_parsed", lambda: linear_probe_scores(feats[tr], y_parsed, feats[ev],
+                                                                                args.probe_c, args.seed))
+    scores["probe_true"] = timed("probe_true", lambda: linear_probe_scores(feats[tr], y_true_train, feats[ev],
+                                                                            args.probe_c, args.seed))
+    prelim, prelim_stats = timed("ram_parsed", lambda: recipe.fit(tr, y_parsed))
+    scores["ram_parsed"] = recipe.score(prelim, ev)
+    true_model, _ = timed("ram_true", lambda: recipe.fit(tr, y_true_train))
+    scores["ram_true"] = recipe.score(true_model, ev)
+
+    # data engine on the training half: out-of-fold scores -> generated labels
+    eng_cfg = FeatureEngineConfig(folds=args.folds, parsed_precision=args.engine_precision, seed=args.seed)
+
+    def fold_scores(train_i, held_i):
+        model, _ = recipe.fit(tr[train_i], y_parsed[train_i])
+        return recipe.score(model, tr[held_i])
+
+    oof = timed("engine_out_of_fold", lambda: out_of_fold_scores(fold_scores, n_train, eng_cfg.folds, eng_cfg.seed))
+    y_engine, engine_summary = generate_labels(oof, y_parsed, eng_cfg)
+    weights = label_weights(y_parsed, y_engine, eng_cfg.generated_weight)
+    engine_quality = label_quality(y_engine, y_true_train)
+    added = (y_engine > 0.5) & (y_parsed < 0.5)
+    added_precision = float((added & (y_true_train > 0.5)).sum() / max(added.sum(), 1))
+    log.info("engine labels vs truth (train half): %s; added %d at precision %.3f", engine_quality,
+             int(added.sum()), added_precision)
+    ft_head = recipe.head.model_copy(update={"epochs": args.finetune_epochs, "lr": args.finetune_lr})
+    ft_model, _ = timed("ram_engine", lambda: recipe.fit(tr, y_engine, ft_head, weights, init=prelim))
+    scores["ram_engine"] = recipe.score(ft_model, ev)
+    re_model, _ = timed("ram_engine_retrained", lambda: recipe.fit(tr, y_engine, weights=weights))
+    scores["ram_engine_retrained"] = recipe.score(re_model, ev)
 
     results = {}
-    for variant, y in (("parsed", y_parsed), ("true", y_true_train)):
-        log.info("training on %s labels", variant)
-        scores, train_stats = train_and_score(args, names, emb, x_train, y, x_eval)
-        res = {**train_stats, "mean_score": float(scores.mean())}
-        for thr in thresholds:
-            metrics = evaluate_scores(scores, y_true_eval, thr, tag_names=names)
-            res["mAP"] = metrics["mAP"]
-            res["num_classes_with_positives"] = metrics["num_classes_with_positives"]
-            for k in ("micro_precision", "micro_recall", "micro_f1"):
-                res[f"{k}@{thr:g}"] = metrics[k]
-            res[f"predicted_per_image@{thr:g}"] = float((scores >= thr).sum(1).mean())
-        results[variant] = res
+    for name, s in scores.items():
+        m = evaluate_scores(s, y_true_eval, 0.5, tag_names=names)
+        results[name] = {"mAP": m["mAP"], "num_classes_with_positives": m["num_classes_with_positives"],
+                         "micro_precision@0.5": m["micro_precision"], "micro_recall@0.5": m["micro_recall"],
+                         "micro_f1@0.5": m["micro_f1"], "seconds": timing.get(name)}
+    pairs = [("ram_parsed", "probe_parsed"), ("ram_parsed", "probe_true"), ("probe_true", "probe_parsed"),
+             ("ram_engine", "ram_parsed"), ("ram_engine", "probe_parsed"), ("ram_engine", "probe_true"),
+             ("ram_engine_retrained", "ram_parsed"), ("ram_true", "probe_true")]
+    diffs = {f"{a} - {b}": paired_bootstrap(scores[a], scores[b], y_true_eval, args.boot, args.seed)
+             for a, b in pairs}
     wall = time.perf_counter() - wall0
 
-    keys = ["mAP"] + [f"{k}@{t:g}" for t in thresholds for k in ("micro_precision", "micro_recall", "micro_f1")]
-    ratio = {k: results["parsed"][k] / results["true"][k] if results["true"][k] else float("nan") for k in keys}
-    print(f"\ncoco_dev: {len(train_rows)} train / {len(eval_rows)} eval images, ram_effnet_lite0 "
-          f"@{args.image_size}px, {results['true']['steps']} steps (batch {args.batch_size}, {args.epochs} epochs), "
-          f"lr {args.lr}, seed {args.seed}")
-    print(f"{'metric (eval half, true labels)':34s} {'parsed':>8s} {'true':>8s} {'parsed/true':>12s}")
-    for k in keys:
-        print(f"{k:34s} {results['parsed'][k]:8.4f} {results['true'][k]:8.4f} {ratio[k]:12.3f}")
-    for t in thresholds:
-        k = f"predicted_per_image@{t:g}"
-        print(f"{k:34s} {results['parsed'][k]:8.2f} {results['true'][k]:8.2f}")
-    print(f"{'train seconds':34s} {results['parsed']['train_seconds']:8.1f} {results['true']['train_seconds']:8.1f}")
-    print(f"parse labels vs true (train half): P={agreement['micro_precision']:.4f} "
-          f"R={agreement['micro_recall']:.4f} F1={agreement['micro_f1']:.4f} "
-          f"(labels/image parsed {agreement['labels_per_image_parsed']:.2f}, "
-          f"true {agreement['labels_per_image_true']:.2f})")
-    print(f"wall time {wall:.0f}s")
-    if args.json_out:
-        out = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "split": {"train": len(train_rows), "eval": len(eval_rows), "by": "sha1(str(image_id))"},
-               "parse": {**parse_stats, **agreement}, "results": results, "ratio_parsed_over_true": ratio,
-               "wall_seconds": round(wall, 1)}
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    goals = {
+        "ram_parsed >= probe_parsed": results["ram_parsed"]["mAP"] >= results["probe_parsed"]["mAP"],
+        "ram_parsed within 0.02 of probe_true": results["ram_parsed"]["mAP"] >= results["probe_true"]["mAP"] - 0.02,
+        "engine recall > parsed recall": engine_quality["recall"] > parsed_quality["recall"],
+        "engine precision >= 0.85": engine_quality["precision"] >= 0.85,
+        "ram_engine mAP >= ram_parsed mAP": results["ram_engine"]["mAP"] >= results["ram_parsed"]["mAP"],
+    }
+    report = {
+        "data": shown(data), "split": {"train": n_train, "eval": len(eval_rows), "by": "sha1(str(image_id))"},
+        "config": {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "selected_epochs": recipe.head.epochs, "cv_selection": selection,
+        "seconds": {"parse": round(parse_s, 1), "extract_tokens": round(extract_s, 1), **timing,
+                    "wall": round(wall, 1)},
+        "labels_train_half": {"parsed": parsed_quality, "engine": {**engine_quality, **engine_summary},
+                              "engine_added_precision": added_precision},
+        "preliminary_training": prelim_stats, "results": results, "paired_bootstrap": diffs, "goals": goals,
+    }
+    text = format_report(report)
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "coco_tags.json").write_text(json.dumps(report, indent=1, default=float) + "\n", encoding="utf-8")
+    (out_dir / "coco_tags.md").write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+def format_report(r: dict) -> str:
+    """Markdown summary of one run."""
+    c = r["config"]
+    lines = [f"# coco_tags: {r['split']['train']} train / {r['split']['eval']} eval images ({r['data']})", "",
+             f"Frozen {MODEL} backbone, squash {c['image_size']} px + flip, tokens cached once; RAM head "
+             f"{r['selected_epochs']} epochs (lr {c['lr']}, token dropout {c['token_dropout']}); probe C={c['probe_c']}; "
+             f"engine: {c['folds']}-fold out-of-fold tagging, parsed precision {c['engine_precision']}; "
+             f"fine-tune {c['finetune_epochs']} epochs at lr {c['finetune_lr']}; seed {c['seed']}.", "",
+             "| model | mAP | P@0.5 | R@0.5 | F1@0.5 | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    for name, m in r["results"].items():
+        lines.append(f"| {name} | {m['mAP']:.4f} | {m['micro_precision@0.5']:.3f} | {m['micro_recall@0.5']:.3f} | "
+                     f"{m['micro_f1@0.5']:.3f} | {m['seconds']} |")
+    lines += ["", f"Paired bootstrap over eval images ({next(iter(r['paired_bootstrap'].values()))['n_boot']} "
+              "resamples), 95% interval:", "", "| difference | mAP diff | 95% CI | P(diff <= 0) |",
+              "|---|---:|---|---:|"]
+    for name, d in r["paired_bootstrap"].items():
+        lines.append(f"| {name} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['p_le_0']:.3f} |")
+    lp, le = r["labels_train_half"]["parsed"], r["labels_train_half"]["engine"]
+    lines += ["", "Training labels against the true COCO-80 labels (train half):", "",
+              "| labels | precision | recall | per image |", "|---|---:|---:|---:|",
+              f"| parsed captions | {lp['precision']:.3f} | {lp['recall']:.3f} | {lp['labels_per_image']:.2f} |",
+              f"| after the engine | {le['precision']:.3f} | {le['recall']:.3f} | {le['labels_per_image']:.2f} |",
+              "", f"Engine: threshold {le['threshold']:.3f}, {le['added']} labels added on "
+              f"{le['images_with_additions']} images, their precision {r['labels_train_half']['engine_added_precision']:.3f}.",
+              "", "Goals: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["goals"].items()),
+              "", "Seconds: " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
