@@ -82,10 +82,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         if len(path) != 1:
             raise SystemExit(f"--source {args.source} takes one --path")
         path = path[0]
-    summary = ingest(
-        args.source, data_root(args), cfg,
-        path=path, images=args.images, corpus_cfg=corpus_cfg, splits=args.splits,
-    )
+    try:
+        summary = ingest(
+            args.source, data_root(args), cfg,
+            path=path, images=args.images, corpus_cfg=corpus_cfg, splits=args.splits,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        # Missing or empty input, a malformed COCO file: nothing was replaced (the ingest writes a
+        # new split and swaps it in at the end), so one clear line is all the user needs.
+        raise SystemExit(f"ramflow ingest: {err} (the previous data under {data_root(args)} is unchanged)")
     if args.json:
         print(json.dumps(summary.model_dump(), indent=1))
     else:

@@ -218,3 +218,16 @@ def test_failed_embedded_reingest_leaves_previous_data(tmp_path, monkeypatch):
         ingest("embedded", tmp_path, CFG, corpus_cfg=small.model_copy(update={"seed": 5}), corpus=fake)
     assert snapshot(raw_dir(tmp_path)) == before
     assert _hidden(tmp_path) == []
+
+
+def test_cli_reports_a_failed_ingest_in_one_line_and_keeps_the_split(old_root, tmp_path):
+    """``ramflow ingest`` with a mistyped path exits non-zero with the reason, not a traceback."""
+    from orchestration.cli import main
+
+    before = snapshot(old_root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ingest", "--root", str(old_root), "--source", "img2dataset",
+              "--path", str(tmp_path / "typo.tar"), "--no-progress"])
+    message = str(exit_info.value.code)
+    assert message.startswith("ramflow ingest: no such tar shard") and "unchanged" in message
+    assert snapshot(old_root) == before
