@@ -351,15 +351,20 @@ def create_app(model_uri: str | None = None, config: ServingConfig | None = None
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
-          config: ServingConfig | None = None) -> None:
+          config: ServingConfig | None = None, timeout_s: int | None = None) -> None:
     """Serve ``model_uri`` (``models:/ram-tagger@champion``, ``runs:/...`` or a folder) with
-    ``workers`` uvicorn processes; the model is downloaded once and every worker loads it."""
+    ``workers`` uvicorn processes; the model is downloaded once and every worker loads it.
+    ``timeout_s``: MLflow's per-request limit (HTTP 504 past it; its default is 60 s)."""
     import uvicorn
 
     config = config or ServingConfig.from_env()
     local = mlflow.artifacts.download_artifacts(model_uri) if "://" in model_uri or ":/" in model_uri else model_uri
     os.environ.update(config.to_env())  # the workers (and the pyfunc's load_context) read the same limits
     os.environ[ENV_MODEL_URI] = str(local)
+    if timeout_s is not None:
+        from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+        os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout_s)
     log.info("serving %s on %s:%d with %d worker(s), limits %s", model_uri, host, port, workers, config)
     uvicorn.run("ram_model.serving:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="info")

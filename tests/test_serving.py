@@ -286,3 +286,13 @@ def test_ramflow_serve_concurrency_and_body_limits(logged_model, corpus_images, 
                                                                              "data": [["%%%"]]}}, timeout=60)
         assert bad.status_code == 400 and "stack_trace" not in bad.json()
         assert bad.json()["message"].startswith("row 0: column 'image' is not valid base64")
+
+
+def test_serving_config_from_environment():
+    config = ServingConfig(max_image_pixels=1234, batch_size=2)
+    env = config.to_env()
+    assert env["RAMFLOW_SERVING_MAX_IMAGE_PIXELS"] == "1234"
+    assert ServingConfig.from_env(env) == config
+    assert ServingConfig.from_env({}) == ServingConfig()
+    with pytest.raises(ValueError):
+        ServingConfig.from_env({"RAMFLOW_SERVING_BATCH_SIZE": "0"})
