@@ -30,13 +30,18 @@ def parse_shard_key(key: str) -> tuple[str, int]:
 def shard_keys(params_path: str | os.PathLike | None = None) -> list[str]:
     """All shard keys of the embedded corpus, split by split in index order (as ingestion
     numbers them: :func:`data_engine.ingest.pipeline.embedded_shards`)."""
+    from data_engine.coco_source import shard_counts, source_config
     from data_engine.corpus.config import CorpusConfig
     from data_engine.ingest.config import IngestConfig
     from data_engine.ingest.pipeline import embedded_shards
 
     params = load_params(params_path)
-    corpus_cfg = CorpusConfig.model_validate(params.get("corpus") or {})
     cfg = IngestConfig.model_validate(params.get("ingest") or {})
+    source = source_config(params)
+    if source.kind == "coco":  # real photos: shard counts follow from the dataset's rows
+        counts = shard_counts(source, cfg.shard_size)
+        return [shard_key(split, i) for split in SPLITS for i in range(counts.get(split, 0))]
+    corpus_cfg = CorpusConfig.model_validate(params.get("corpus") or {})
     return [shard_key(split, i) for split, i in embedded_shards(corpus_cfg, cfg)]
 
 

@@ -23,8 +23,8 @@ class StageSpec:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("raw_pairs", (), ("corpus", "ingest"), ("raw",), True,
-              "image-text pairs as webdataset shards + manifest (embedded corpus or user data)"),
+    StageSpec("raw_pairs", (), ("source", "corpus", "ingest"), ("raw",), True,
+              "image-text pairs as webdataset shards + manifest (embedded corpus or COCO photos: source:)"),
     StageSpec("parsed_tags", ("raw_pairs",), ("parse",), ("parsed",), True,
               "captions parsed into tag strings, per shard then merged per split"),
     StageSpec("label_system", ("parsed_tags",), ("label_system",), ("label_system", "labels"), False,

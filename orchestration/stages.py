@@ -91,7 +91,9 @@ def _lock(env: StageEnv, name: str) -> Iterator[None]:
 
 
 def run_raw_pairs(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
-    """Embedded corpus -> shards. ``keys``: shard partitions to (re)write, None = all."""
+    """Embedded corpus (or the ``source:`` dataset) -> shards. ``keys``: shard partitions to
+    (re)write, None = all; a ``coco`` source always writes every split."""
+    from data_engine.coco_source import CocoSourceConfig, ingest_coco_source
     from data_engine.corpus.config import CorpusConfig
     from data_engine.ingest.config import IngestConfig
     from data_engine.ingest.pipeline import (ingest_embedded, ingest_embedded_shard, measure_written_noise,
@@ -100,7 +102,12 @@ def run_raw_pairs(env: StageEnv, keys: list[str] | None = None, overrides: dict 
     corpus_cfg = _cfg(CorpusConfig, "corpus", env, (overrides or {}).get("corpus"))
     cfg = _cfg(IngestConfig, "ingest", env, (overrides or {}).get("ingest"))
     all_keys = shard_keys(env.params_path)
-    if keys is None or set(keys) >= set(all_keys):
+    source = _cfg(CocoSourceConfig, "source", env, (overrides or {}).get("source"))
+    if source.kind == "coco":  # real photos (data_engine.coco_source): every split at once, under one lock
+        with _lock(env, "raw_merge"):
+            summary = ingest_coco_source(env.data_root, source, cfg)
+        written_keys = all_keys
+    elif keys is None or set(keys) >= set(all_keys):
         summary = ingest_embedded(env.data_root, corpus_cfg, cfg)
         written_keys = all_keys
     else:
