@@ -157,3 +157,19 @@ def test_tag_logits_with_label_embed_is_pure(checkpoint):
         torch.testing.assert_close(pure, model.tag_logits(x))
     with pytest.raises(ValueError, match="label_embed"):
         model.tag_logits(x, label_embed=torch.zeros(3, 7))
+
+
+def test_images_are_decoded_one_batch_at_a_time(checkpoint, tmp_path, monkeypatch):
+    """The loader of batch k+1 runs only after batch k was scored (no decoding of every row up front)."""
+    tagger = Tagger.from_checkpoint(checkpoint, batch_size=2)
+    events = []
+    forward = tagger.model.tag_logits
+    monkeypatch.setattr(tagger.model, "tag_logits", lambda x, **kw: events.append(("score", len(x))) or forward(x, **kw))
+
+    def loader(item):
+        events.append(("load", item))
+        return load_image(item)
+
+    images = _images(tmp_path)
+    tagger.tag(images[:3], threshold=0.0, loader=loader)  # batches of 2 and 1
+    assert [e[0] for e in events] == ["load", "load", "score", "load", "score"]
