@@ -267,6 +267,47 @@ class OfficialCaptionDecoder(nn.Module):
             x = layer(x, self_mask, memory, None)
         return self.lm_head(x, self.embeddings.word_embeddings.weight)
 
+    def start_cache(self, memory: torch.Tensor) -> dict:
+        """Key/value cache of incremental decoding: the memory's cross-attention keys / values
+        (computed once) and the self-attention keys / values of the tokens decoded so far."""
+        cross = []
+        for layer in self.layers:
+            a = layer.crossattention.self
+            cross.append((_split_heads(a.key(memory), a.heads), _split_heads(a.value(memory), a.heads)))
+        return {"length": 0, "cross": cross, "self": [None] * len(self.layers)}
+
+    def step(self, ids: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Feed one token per row ``ids [R]`` -> next-token logits ``[R, V]``; ``cache`` grows.
+        Same values as :meth:`forward` on the whole prefix (a token only attends to earlier ones)."""
+        x = self.embeddings(ids[:, None], offset=cache["length"])  # [R, 1, D]
+        for i, layer in enumerate(self.layers):
+            a = layer.attention.self
+            k, v = _split_heads(a.key(x), a.heads), _split_heads(a.value(x), a.heads)
+            if cache["self"][i] is not None:
+                k, v = torch.cat([cache["self"][i][0], k], dim=2), torch.cat([cache["self"][i][1], v], dim=2)
+            cache["self"][i] = (k, v)
+            x = layer.attention.output(_merge_heads(F.scaled_dot_product_attention(
+                _split_heads(a.query(x), a.heads), k, v)), x)
+            c = layer.crossattention.self
+            ck, cv = cache["cross"][i]
+            x = layer.crossattention.output(_merge_heads(F.scaled_dot_product_attention(
+                _split_heads(c.query(x), c.heads), ck, cv)), x)
+            x = layer.output(layer.intermediate(x), x)
+        cache["length"] += 1
+        return self.lm_head(x, self.embeddings.word_embeddings.weight)[:, -1]
+
+    @staticmethod
+    def reorder(cache: dict, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows`` (beam search: the beams each new beam continues)."""
+        cache["self"] = [(k[rows], v[rows]) for k, v in cache["self"]]
+        cache["cross"] = [(k[rows], v[rows]) for k, v in cache["cross"]]
+
+    def _prefill(self, prompt: torch.Tensor, memory: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        cache = self.start_cache(memory)
+        for t in range(prompt.shape[1]):
+            logits = self.step(prompt[:, t], cache)
+        return cache, logits
+
     @torch.no_grad()
     def greedy(self, memory: torch.Tensor, prompt: torch.Tensor, eos_id: int, pad_id: int,
                max_len: int, min_len: int = 0) -> torch.Tensor:
@@ -274,11 +315,93 @@ class OfficialCaptionDecoder(nn.Module):
         EOS suppressed before ``min_len`` tokens, padded after EOS."""
         ids = prompt
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        cache, logits = self._prefill(prompt, memory)
         while ids.shape[1] < max_len and not bool(done.all()):
-            logits = self.forward(ids, memory)[:, -1]  # [B, V]
             if ids.shape[1] < min_len:
                 logits[:, eos_id] = float("-inf")
             nxt = torch.where(done, torch.full_like(logits[:, 0], pad_id, dtype=torch.long), logits.argmax(-1))
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             done |= nxt == eos_id
+            if ids.shape[1] < max_len and not bool(done.all()):
+                logits = self.step(nxt, cache)
         return ids
+
+    @torch.no_grad()
+    def beam_search(self, memory: torch.Tensor, prompt: torch.Tensor, eos_id: int, pad_id: int,
+                    max_len: int, min_len: int = 0, num_beams: int = 3) -> torch.Tensor:
+        """Beam search as Hugging Face ``generate`` runs it for Tag2Text (length penalty 1, no early
+        stop): each step keeps the ``num_beams`` best continuations of ``2 * num_beams`` candidates;
+        an EOS among the best ``num_beams`` finishes a hypothesis (score / its length); at
+        ``max_len`` the running beams are hypotheses too. ``memory [B, M, D]``, ``prompt [B, P]``
+        -> the best hypothesis per row ``[B, <=max_len]`` (prompt included, padded)."""
+        b, nb = prompt.shape[0], num_beams
+        ids = prompt.repeat_interleave(nb, dim=0)  # [B * nb, P]
+        cache, logits = self._prefill(ids, memory.repeat_interleave(nb, dim=0))
+        scores = torch.zeros(b, nb, device=ids.device)
+        scores[:, 1:] = -1e9  # every beam starts as the same prompt: only the first one expands
+        scores = scores.view(-1)
+        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
+        done = [False] * b
+        while True:
+            length = ids.shape[1]
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [B * nb, V]
+            if length < min_len:
+                logp[:, eos_id] = float("-inf")
+            vocab = logp.shape[1]
+            top, flat = (logp + scores[:, None]).view(b, nb * vocab).topk(2 * nb, dim=1)  # sorted
+            new_scores, new_tokens, new_rows = [], [], []
+            for row in range(b):
+                kept = []
+                if not done[row]:
+                    for rank in range(2 * nb):
+                        token, beam = int(flat[row, rank]) % vocab, int(flat[row, rank]) // vocab
+                        if token == eos_id:
+                            if rank < nb:  # the hypothesis ends with its EOS
+                                hyp = torch.cat([ids[row * nb + beam], ids.new_tensor([eos_id])])
+                                _add_hypothesis(finished[row], hyp, float(top[row, rank]),
+                                                length - prompt.shape[1] + 1, nb)
+                            continue
+                        kept.append((float(top[row, rank]), token, row * nb + beam))
+                        if len(kept) == nb:
+                            break
+                    best_running = float(top[row].max()) / max(length - prompt.shape[1] + 1, 1)
+                    done[row] = len(finished[row]) >= nb and min(s for s, _ in finished[row]) >= best_running
+                if done[row] or not kept:
+                    kept = [(0.0, pad_id, row * nb)] * nb
+                new_scores += [k[0] for k in kept]
+                new_tokens += [k[1] for k in kept]
+                new_rows += [k[2] for k in kept]
+            rows = torch.tensor(new_rows, device=ids.device)
+            tokens = torch.tensor(new_tokens, device=ids.device)
+            ids = torch.cat([ids[rows], tokens[:, None]], dim=1)
+            scores = torch.tensor(new_scores, device=ids.device)
+            if ids.shape[1] >= max_len or all(done):
+                break
+            self.reorder(cache, rows)
+            logits = self.step(tokens, cache)
+        out = torch.full((b, max_len), pad_id, dtype=torch.long, device=ids.device)
+        for row in range(b):
+            if not done[row]:
+                for beam in range(nb):
+                    _add_hypothesis(finished[row], ids[row * nb + beam], float(scores[row * nb + beam]),
+                                    ids.shape[1] - prompt.shape[1], nb)
+            best = max(finished[row], key=lambda h: h[0])[1]
+            out[row, : best.shape[0]] = best
+        return out[:, : max(int((out != pad_id).sum(1).max()), prompt.shape[1])]
+
+
+def _add_hypothesis(hyps: list, ids: torch.Tensor, score: float, generated: int, keep: int) -> None:
+    """Keep the ``keep`` best finished hypotheses, scored by log-probability / generated length."""
+    hyps.append((score / max(generated, 1), ids.clone()))
+    hyps.sort(key=lambda h: h[0], reverse=True)
+    del hyps[keep:]
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, length, d = x.shape
+    return x.view(b, length, heads, d // heads).transpose(1, 2)  # [B, H, L, d]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)

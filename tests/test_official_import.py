@@ -234,7 +234,8 @@ def test_logits_and_tags_match_official(official_import, record_property):
     arch, model, gold = official_import
     x = _golden_inputs(gold, model.data_config)
     with torch.inference_mode():
-        logits = model.tag_logits(x)  # [4, C]
+        tokens, _ = model.encode_image(x)
+        logits = model._decode_tags(tokens)[0]  # [4, C], what tag_logits returns
     diff = float((logits - gold["logits"]).abs().max())
     record_property(f"{arch}_max_abs_logit_diff", diff)
     print(f"{arch}: max abs logit diff vs official {diff:.3g}")
@@ -246,6 +247,16 @@ def test_logits_and_tags_match_official(official_import, record_property):
     kept = [[tags.display_names()[i] for i in torch.nonzero(row >= model.thresholds).flatten().tolist()]
             for row in probs]
     assert [" | ".join(k) for k in kept] == gold["tags"]
+    if "caption_token_ids" in gold:  # Tag2Text: beam search (3 beams, 10-30 tokens) on the predicted tags
+        # The official generate() hands the decoder image-tag memory already repeated per beam,
+        # transformers repeats it once more and the official attention keeps the first B * beams
+        # rows: image i's beams read the memory of image [0, 0, 0, 1][i]. Rows 0 and 3 are the
+        # captions of images 0 and 1 as intended; all four rows check the whole caption branch.
+        rows = [0, 0, 0, 1]
+        with torch.inference_mode():
+            ids = model.caption_ids(None, tokens=tokens[rows], tag_logits=logits[rows])
+        assert torch.equal(ids, gold["caption_token_ids"])
+        assert model.decode_captions(ids) == gold["captions"]
 
 
 def test_register_puts_an_imported_model_in_the_registry_as_a_serving_pyfunc(tmp_path, capsys):

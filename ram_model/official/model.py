@@ -235,25 +235,43 @@ class OfficialRamModel(RamModel):
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, tags: Sequence[Sequence[str]] | None = None,
-                max_len: int | None = None, min_len: int = 10) -> list[str]:
-        """Greedy captions after the prompt "a picture of ", conditioned on ``tags`` or on the tags
-        predicted the official way (probability strictly above the class threshold)."""
+                max_len: int | None = None, min_len: int = 10, num_beams: int = 3) -> list[str]:
+        """Captions after the prompt "a picture of " (the official defaults: beam search with 3
+        beams, 10 to 30 tokens, prompt included; ``num_beams=1``: greedy), conditioned on ``tags``
+        or on the tags predicted the official way (probability strictly above the class threshold)."""
+        return self.decode_captions(self.caption_ids(images, tags, max_len, min_len, num_beams))
+
+    def decode_captions(self, ids: torch.Tensor) -> list[str]:
+        """Caption ids (prompt included) -> text the official way: decode everything, then cut
+        as many characters as the prompt has."""
+        return [text[len(CAPTION_PROMPT):] for text in self.tokenizer.decode(ids.cpu())]
+
+    @torch.no_grad()
+    def caption_ids(self, images: torch.Tensor | None, tags: Sequence[Sequence[str]] | None = None,
+                    max_len: int | None = None, min_len: int = 10, num_beams: int = 3,
+                    tokens: torch.Tensor | None = None, tag_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``[B, <=max_len]`` of :meth:`caption`, prompt included (what the official
+        ``text_decoder.generate`` returns). ``tokens`` (from :meth:`encode_image`) and ``tag_logits``
+        skip recomputing what the caller already has (one image pass for tags and captions)."""
         if not self.config.caption:
             raise RuntimeError(f"{self.config.name} has no caption branch")
-        tokens, _ = self.encode_image(images)
-        cond = torch.zeros(images.shape[0], self.num_tags, device=tokens.device)
+        tokens = self.encode_image(images)[0] if tokens is None else tokens
+        cond = torch.zeros(tokens.shape[0], self.num_tags, device=tokens.device)
         if tags is None:
-            cond = (torch.sigmoid(self._decode_tags(tokens)[0]) > self.thresholds).float()
+            logits = self._decode_tags(tokens)[0] if tag_logits is None else tag_logits
+            cond = (torch.sigmoid(logits) > self.thresholds).float()
         else:
-            if len(tags) != images.shape[0]:
+            if len(tags) != tokens.shape[0]:
                 raise ValueError("need one tag list per image")
             for i, names in enumerate(tags):
                 cond[i, self.tag_index(list(names))] = 1.0
         memory, _ = self._condition(tokens, cond)
         tok = self.tokenizer
-        prompt = torch.tensor([tok.prompt_ids(CAPTION_PROMPT)], device=tokens.device).expand(images.shape[0], -1)
-        ids = self.text_decoder.greedy(memory, prompt, tok.eos_id, tok.pad_id, max_len or 30, min_len)
-        return tok.decode(ids[:, prompt.shape[1]:].cpu())
+        prompt = torch.tensor([tok.prompt_ids(CAPTION_PROMPT)], device=tokens.device).expand(tokens.shape[0], -1)
+        if num_beams > 1:
+            return self.text_decoder.beam_search(memory, prompt, tok.eos_id, tok.pad_id, max_len or 30, min_len,
+                                                 num_beams)
+        return self.text_decoder.greedy(memory, prompt, tok.eos_id, tok.pad_id, max_len or 30, min_len)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
