@@ -6,7 +6,9 @@ NOT used), normalize each caption's tags with it, compare with the caption's
 truth["mentioned"] (canonical objects, scenes and colours). Truth has no actions or patterns,
 so tags whose label is an action or a non-colour attribute are not judged (counted apart).
 
-    .venv/bin/python bench/bench_parse_corpus.py [--n 3000] [--n-process 2]
+Results: bench/results/parse_corpus.json (the embedded corpus needs no external data).
+
+    .venv/bin/python bench/bench_parse_corpus.py [--n 3000] [--n-process 2] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--n-process", type=int, default=2)
     ap.add_argument("--min-freq", type=int, default=3)
-    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "parse_corpus.json")
     args = ap.parse_args(argv)
     from data_engine.corpus import CorpusConfig, iter_corpus
 
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
     for ex in out["examples"]:
         print(json.dumps(ex))
     if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(out, indent=1))
     return 0
 

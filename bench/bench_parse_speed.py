@@ -1,14 +1,20 @@
-"""Caption parsing throughput: ramflow (1 and 2 processes) vs SceneGraphParser vs naive spaCy.
+"""Caption parsing speed: ramflow's parser vs SceneGraphParser, side by side in one run.
 
-Data: COCO val2017 captions (25,014). Reports captions/s after a warm-up (pool start-up and
-model loading excluded, reported apart), ratios against SceneGraphParser (sng_parser 0.1.0
-driven as the parse_eval harness does: one nlp() call per caption, full pipeline) and against
-a naive baseline (our tag extraction, one nlp() call per caption, full pipeline), and peak RSS
-of a fresh process parsing 5k vs 25k captions (streaming: memory should stay flat). On a
-shared machine wall-clock rates swing with load; single-process runs also report captions per
-CPU-second of the main process, which load does not change (1-process runs only).
+Each parser runs in its own fresh subprocess (so start-up time and peak RSS, ``ru_maxrss``, are
+that parser's alone) on the same COCO val2017 captions (25,014 by default): start-up = from the
+child's first line to a parser ready to answer; then a warm-up on the first ``--warmup``
+captions, then the rest are timed. Reported per parser: captions/s (wall), captions per
+CPU-second of the process (steadier on a shared machine), peak RSS, start-up, tags/caption,
+and ramflow's ratio to SceneGraphParser for each figure. ``--rounds`` alternates the order.
 
-    .venv/bin/python bench/bench_parse_speed.py [--limit N] [--baseline-limit 5000]
+SceneGraphParser (sng_parser 0.1.0) runs as ../shared/tools/parse_eval drives it (its
+``SngAdapter``: one ``nlp()`` per caption on the full en_core_web_sm pipeline, as its API
+does). ramflow runs as ``ramflow parse`` does: the ``parse:`` section of params.yaml.
+
+Data is found relative to the repository (../shared/...) or given by flags; results go to
+bench/results/parse_speed.json with no machine paths.
+
+    .venv/bin/python bench/bench_parse_speed.py [--captions FILE] [--harness DIR] [--limit N]
 """
 
 from __future__ import annotations
@@ -16,142 +22,147 @@ from __future__ import annotations
 import os
 
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+    os.environ.setdefault(_v, "1")  # one thread per process: the figure is per process
 
 import argparse
 import json
-import resource
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+_T0 = time.perf_counter()  # child start-up is measured from here
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CAPTIONS = Path("/work/shared/data/captions/coco_captions_val2017.json")
-HARNESS = Path("/work/shared/tools/parse_eval")
+SHARED = ROOT.parent / "shared"
+CAPTIONS = SHARED / "data" / "captions" / "coco_captions_val2017.json"
+HARNESS = SHARED / "tools" / "parse_eval"
+RESULTS = ROOT / "bench" / "results" / "parse_speed.json"
+PARSERS = ("ramflow", "sng")
 
 
 def load_captions(path: Path, limit: int | None) -> list[str]:
-    caps = [a["caption"] for a in json.loads(path.read_text())["annotations"]]
+    caps = [a["caption"] for a in json.loads(path.read_text(encoding="utf-8"))["annotations"]]
     return caps[:limit] if limit else caps
 
 
-def timed(fn, captions: list[str], warmup: int) -> dict:
-    fn(captions[:warmup])
+def make_parser(name: str, harness: Path):
+    """``captions -> number of tags`` for one parser, built in this (fresh) process."""
+    if name == "ramflow":
+        sys.path.insert(0, str(ROOT))
+        from data_engine.params import stage_config
+        from data_engine.parsing import ParseConfig, ParserPool
+
+        cfg = stage_config(ParseConfig, "parse", None).model_copy(update={"n_process": 1})
+        pool = ParserPool(cfg).__enter__()
+        pool.parse_batch(["A dog on a beach."])  # model and lexicon loaded, first call done
+        return lambda caps: sum(len(r.tags) for r in pool.parse_stream(caps))
+    if name == "sng":
+        sys.path.insert(0, str(harness))
+        from parse_eval import SngAdapter
+
+        adapter = SngAdapter()
+        adapter.parse(["A dog on a beach."])
+        return lambda caps: sum(len(t) for t in adapter.parse(caps))
+    raise ValueError(name)
+
+
+def child(name: str, captions: Path, harness: Path, limit: int | None, warmup: int) -> dict:
+    """Run one parser in this process; return its figures (printed as JSON by main)."""
+    import resource
+
+    parse = make_parser(name, harness)
+    startup = time.perf_counter() - _T0
+    caps = load_captions(captions, limit)
+    parse(caps[:warmup])
+    timed = caps[warmup:]  # not the warm-up captions: ramflow's result cache must not help
     t0, c0 = time.perf_counter(), time.process_time()
-    n_tags = fn(captions)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"captions": len(captions), "seconds": dt, "captions_per_s": len(captions) / dt,
-            "main_process_cpu_seconds": cpu,
-            "captions_per_cpu_s": len(captions) / cpu if cpu > 0.05 * dt else None,
-            "tags_per_caption": n_tags / len(captions)}
+    n_tags = parse(timed)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"parser": name, "startup_s": startup, "captions": len(timed), "seconds": wall,
+            "captions_per_s": len(timed) / wall, "cpu_seconds": cpu,
+            "captions_per_cpu_s": len(timed) / cpu, "tags_per_caption": n_tags / len(timed),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bench_ours(captions, n_process: int, batch_size: int, warmup: int) -> dict:
-    from data_engine.parsing import ParseConfig, ParserPool
-
-    t0 = time.perf_counter()
-    with ParserPool(ParseConfig(n_process=n_process, batch_size=batch_size)) as pool:
-        pool.parse_batch(["warm up the workers"] * n_process * 2)
-        start_s = time.perf_counter() - t0
-        out = timed(lambda c: sum(len(r.tags) for r in pool.parse_stream(c)), captions, warmup)
-    out["startup_seconds"] = start_s
-    return out
-
-
-def bench_naive(captions, warmup: int) -> dict:
-    from data_engine.parsing import CaptionParser, ParseConfig, clean_caption
-
-    parser = CaptionParser(ParseConfig(exclude_components=[]))
-
-    def run(caps):
-        n = 0
-        for c in caps:
-            text, _, skip = clean_caption(c, parser.cfg)
-            if skip is None:
-                n += len(parser.extract(parser.nlp(text))[0])
-        return n
-    return timed(run, captions, warmup)
+def run_child(name: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--captions",
+           str(args.captions), "--harness", str(args.harness), "--warmup", str(args.warmup)]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
+    if out.returncode != 0:
+        return {"parser": name, "error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_sng(captions, warmup: int) -> dict:
-    sys.path.insert(0, str(HARNESS))
-    from parse_eval import SngAdapter
-
-    adapter = SngAdapter()
-    return timed(lambda c: sum(len(t) for t in adapter.parse(c)), captions, warmup)
-
-
-def rss_child(n: int, n_process: int) -> None:
-    """In a fresh process: stream n captions, print peak RSS (self + children) in MiB."""
-    from data_engine.parsing import ParseConfig, ParserPool
-
-    caps = load_captions(CAPTIONS, n)
-    with ParserPool(ParseConfig(n_process=n_process)) as pool:
-        count = sum(1 for _ in pool.parse_stream(iter(caps)))
-    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"captions": count, "peak_rss_mib": me, "peak_rss_children_mib": kids}))
+def _rel(path: Path) -> str:
+    """A path as written in results: relative to the repository root, never absolute."""
+    try:
+        return os.path.relpath(Path(path).resolve(), ROOT)
+    except ValueError:
+        return Path(path).name
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--captions", type=Path, default=CAPTIONS)
-    ap.add_argument("--limit", type=int, default=None, help="captions for ramflow (default all)")
-    ap.add_argument("--baseline-limit", type=int, default=5000, help="captions for the baselines")
+    ap.add_argument("--captions", type=Path, default=CAPTIONS, help="COCO captions JSON")
+    ap.add_argument("--harness", type=Path, default=HARNESS, help="parse_eval folder (sng adapter)")
+    ap.add_argument("--limit", type=int, default=None, help="first N captions only (default all)")
     ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--rss-procs", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each parser, order alternating")
+    ap.add_argument("--parsers", nargs="+", choices=PARSERS, default=list(PARSERS))
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json-out", type=Path, default=RESULTS)
+    ap.add_argument("--child", choices=PARSERS, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.rss_child:
-        rss_child(args.rss_child, args.rss_procs)
+    if args.child:
+        print(json.dumps(child(args.child, args.captions, args.harness, args.limit, args.warmup)))
         return 0
-    caps = load_captions(args.captions, args.limit)
-    base = caps[: args.baseline_limit]
-    res = {"cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    for n in (1, 2):
-        res[f"ramflow_{n}proc"] = bench_ours(caps, n, args.batch_size, args.warmup)
-        print(f"ramflow {n} proc: {res[f'ramflow_{n}proc']['captions_per_s']:.0f} cap/s", flush=True)
-        if args.json_out:
-            args.json_out.write_text(json.dumps(res, indent=1))
-    def save() -> None:  # partial results survive an interrupted run
-        if args.json_out:
-            args.json_out.write_text(json.dumps(res, indent=1))
-    save()
-    res["naive_nlp_per_caption"] = bench_naive(base, min(args.warmup, 200))
-    save()
-    print(f"naive: {res['naive_nlp_per_caption']['captions_per_s']:.0f} cap/s", flush=True)
-    try:
-        res["sng"] = bench_sng(base, min(args.warmup, 200))
-        print(f"sng: {res['sng']['captions_per_s']:.0f} cap/s", flush=True)
-        save()
-    except ImportError as err:
-        res["sng"] = {"error": f"sng_parser not importable: {err}"}
-    for n in (5000, len(load_captions(args.captions, None))):
-        out = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True,
-                             text=True, check=True, cwd=ROOT)
-        res[f"rss_{n}"] = json.loads(out.stdout.strip().splitlines()[-1])
-        save()
-    print(f"\nload average at the end: {os.getloadavg()}")
-    print("\n| parser | captions | cap/s (wall) | vs sng | vs naive | cap per CPU-s (1 proc) |"
-          "\n|---|---|---|---|---|---|")
-    for name in ("ramflow_1proc", "ramflow_2proc", "naive_nlp_per_caption", "sng"):
-        r = res[name]
-        if "captions_per_s" not in r:
-            print(f"| {name} | - | {r.get('error')} | | |")
-            continue
-        sng = res["sng"].get("captions_per_s")
-        print(f"| {name} | {r['captions']} | {r['captions_per_s']:.0f} | "
-              f"{r['captions_per_s'] / sng if sng else float('nan'):.2f}x | "
-              f"{r['captions_per_s'] / res['naive_nlp_per_caption']['captions_per_s']:.2f}x | "
-              f"{r['captions_per_cpu_s'] or float('nan'):.0f} |")
-    for key in [k for k in res if k.startswith("rss_")]:
-        print(f"peak RSS, {res[key]['captions']} captions streamed (1 proc): {res[key]['peak_rss_mib']:.0f} MiB")
+    if not args.captions.is_file():
+        raise SystemExit(f"captions not found: {args.captions} (give --captions)")
+    res = {"captions_file": _rel(args.captions), "cpu_count": os.cpu_count(),
+           "python": platform.python_version(), "loadavg_start": os.getloadavg(),
+           "note": "one process per parser, 1 BLAS thread; run on a machine shared with other "
+                   "jobs: compare the ratios, not the absolute rates", "runs": []}
+    for r in range(args.rounds):
+        order = args.parsers if r % 2 == 0 else args.parsers[::-1]
+        for name in order:
+            out = run_child(name, args)
+            out["round"] = r
+            res["runs"].append(out)
+            print(json.dumps(out), flush=True)
+    res["loadavg_end"] = os.getloadavg()
+    best = {}
+    for name in args.parsers:
+        ok = [x for x in res["runs"] if x["parser"] == name and "error" not in x]
+        if ok:
+            best[name] = {"captions_per_s": max(x["captions_per_s"] for x in ok),
+                          "captions_per_cpu_s": max(x["captions_per_cpu_s"] for x in ok),
+                          "peak_rss_mib": max(x["peak_rss_mib"] for x in ok),
+                          "startup_s": min(x["startup_s"] for x in ok),
+                          "tags_per_caption": ok[0]["tags_per_caption"], "captions": ok[0]["captions"]}
+    res["best"] = best
+    if {"ramflow", "sng"} <= set(best):
+        r, s = best["ramflow"], best["sng"]
+        res["ratio_ramflow_vs_sng"] = {k: r[k] / s[k] for k in
+                                       ("captions_per_s", "captions_per_cpu_s", "peak_rss_mib",
+                                        "startup_s")}
+    print(f"\nload average {res['loadavg_start']} -> {res['loadavg_end']} on {os.cpu_count()} CPUs")
+    print("| parser | captions | cap/s (wall) | cap per CPU-s | peak RSS MiB | start-up s |\n"
+          "|---|---|---|---|---|---|")
+    for name, b in best.items():
+        print(f"| {name} | {b['captions']} | {b['captions_per_s']:.0f} | {b['captions_per_cpu_s']:.0f} | "
+              f"{b['peak_rss_mib']:.0f} | {b['startup_s']:.1f} |")
+    if "ratio_ramflow_vs_sng" in res:
+        q = res["ratio_ramflow_vs_sng"]
+        print(f"| ramflow / sng | | {q['captions_per_s']:.2f}x | {q['captions_per_cpu_s']:.2f}x | "
+              f"{q['peak_rss_mib']:.2f}x | {q['startup_s']:.2f}x |")
     if args.json_out:
-        args.json_out.write_text(json.dumps(res, indent=1))
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json_out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(args.json_out)
     return 0
 
 
