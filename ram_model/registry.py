@@ -318,7 +318,12 @@ def create_model(
             from ram_model.text_encoder import build_text_encoder, embed_tag_names
 
             encoder = build_text_encoder(config.text_encoder, config)
-            tag_embeddings = embed_tag_names(tag_names, encoder, config.prompt_templates)
+            if config.tag_descriptions:  # RAM++: each tag's descriptions, [C, D, text_dim]
+                from ram_model.official.openset import description_table
+
+                tag_embeddings = description_table(tag_names, config.tag_descriptions, encoder)
+            else:
+                tag_embeddings = embed_tag_names(tag_names, encoder, config.prompt_templates)
         model.set_tags(list(tag_names), tag_embeddings)
     return model
 

@@ -141,3 +141,39 @@ def test_open_set_with_a_clip_encoder_scores_new_tags(imported, monkeypatch, tmp
     assert {t for t, _ in results[0]} == {"zebra crossing", "apple"}
     assert model.tag_names == own
     assert len(openset_prompts("apple")) == 63 and openset_prompts("apple")[8] == "This is a photo of an apple."
+
+
+class StandInClip:
+    """Deterministic stand-in for CLIP's text tower (hash-seeded unit vectors), plugged in by name."""
+
+    encoder_id, dim = "stand-in-clip-24", 24
+
+    def encode(self, texts):
+        import zlib
+
+        rows = [torch.randn(self.dim, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+                for t in texts]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1) if rows else torch.zeros(0, self.dim)
+
+
+def stand_in_clip():
+    return StandInClip()
+
+
+def test_ram_plus_tags_from_a_description_file(tmp_path, monkeypatch):
+    """RAM++ open set with descriptions (the official LLM description format): one [D, 512] table
+    per tag, reweighted per image; a tag without descriptions is named in the error."""
+    import json
+
+    monkeypatch.setenv("RAMFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "descriptions.json"
+    path.write_text(json.dumps([{"zebra crossing": ["white stripes on a road", "a pedestrian crossing"]},
+                                {"kite": ["a kite flying in the sky", "a colourful kite on a string"]}]))
+    model = create_model("ram_plus_official_tiny", pretrained=False, tag_names=["zebra crossing", "kite"],
+                         tag_descriptions=str(path), text_encoder="test_official_finetune:stand_in_clip")
+    assert model.label_embed.shape == (4, 24) and model.descriptions_per_tag == 2
+    assert torch.equal(model.label_embed[2], StandInClip().encode(["a kite flying in the sky"])[0])
+    assert model.eval().tag_logits(torch.randn(1, 3, 96, 96)).shape == (1, 2)
+    with pytest.raises(KeyError, match="no descriptions for 1 tag"):
+        create_model("ram_plus_official_tiny", pretrained=False, tag_names=["kite", "moon"],
+                     tag_descriptions=str(path), text_encoder="test_official_finetune:stand_in_clip")

@@ -147,6 +147,17 @@ def read_descriptions(path: str | Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def description_table(names: Sequence[str], path: str | Path, encoder) -> torch.Tensor:
+    """``[C, D, 512]``: the descriptions of each of ``names`` in the file at ``path``, embedded by
+    the CLIP tower (``encoder.tower`` of an :class:`OfficialTagNameEncoder`, else ``encoder``)."""
+    items = dict(read_descriptions(path))
+    missing = [n for n in names if n not in items]
+    if missing:
+        raise KeyError(f"{path} has no descriptions for {len(missing)} tag(s): {missing[:10]}")
+    tower = getattr(encoder, "tower", encoder)
+    return torch.stack([tower.encode(items[n]) for n in names])
+
+
 def embed_descriptions(path: str | Path, tower) -> tuple[list[str], torch.Tensor]:
     """RAM++ description embeddings: names and ``[C, D, 512]`` (each description normalised)."""
     items = read_descriptions(path)
