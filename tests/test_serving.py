@@ -255,7 +255,24 @@ def _raw_post(port: int, head: str, chunks: list[bytes]) -> str:
                 sock.sendall(part)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        return sock.recv(65536).decode("latin-1")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+            try:
+                part = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not part:
+                break
+            answer += part
+        return answer.decode("latin-1")
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 @pytest.mark.slow
