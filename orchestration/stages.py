@@ -112,13 +112,6 @@ def run_raw_pairs(env: StageEnv, keys: list[str] | None = None, overrides: dict 
         written_keys = all_keys
     else:
         for split, indices in group_by_split(keys).items():
-            shards = formats.list_shards(env.data_root, split)
-            if len(shards) == len(indices) and {formats.shard_path(env.data_root, split, i) for i in indices} == set(shards):
-                # the run holds every shard of the split: one parse call (one parser load)
-                summaries[split] = parse_split(shards, formats.parsed_path(env.data_root, split), cfg)
-                for part in parts.glob(f"{split}-*.parquet"):
-                    part.unlink()
-                continue
             for index in indices:
                 ingest_embedded_shard(corpus_cfg, split, index, env.data_root, cfg)
         written_keys = keys

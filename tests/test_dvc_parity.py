@@ -112,3 +112,20 @@ def test_the_second_engine_round_reads_engine_with_engine_refined_over_it(tmp_pa
     # the shipped params file: the refined model is the retrained recipe (one YAML anchor)
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())
     assert shipped["refined_model"] == shipped["retrained_model"]
+
+
+def test_rematerializing_every_partition_of_one_split_rewrites_it(tmp_path):
+    """raw_pairs for all shards of one split (but not all splits) rewrites those shards only."""
+    from data_engine.formats import list_shards
+    from orchestration.settings import StageEnv
+    from orchestration.stages import run_raw_pairs
+
+    env = StageEnv.from_params(REPO / "orchestration" / "profiles" / "tiny.yaml", data_root=str(tmp_path / "data"))
+    first = run_raw_pairs(env)
+    (finetune_shard,) = list_shards(env.data_root, "finetune")
+    before = {p: p.stat().st_mtime_ns for s in ("pretrain", "test") for p in list_shards(env.data_root, s)}
+    finetune_shard.unlink()
+    again = run_raw_pairs(env, keys=["finetune-000000"])
+    assert again.metrics["shards_written"] == 1 and finetune_shard.exists()
+    assert again.metrics["written"] == first.metrics["written"] == 32 + 12 + 12
+    assert {p: p.stat().st_mtime_ns for p in before} == before
