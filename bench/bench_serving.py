@@ -3,7 +3,9 @@
 One run, side by side:
 - latency at 1 client: each round times the in-process forward (``tag_logits`` at batch 1 on a
   preprocessed tensor), the in-process ``Tagger.tag`` on the encoded image (decode + preprocess
-  + forward) and one HTTP request to the server, interleaved so machine load hits all three alike;
+  + forward), one request to the server with its fast route (``requests`` session and a bare
+  ``http.client`` keep-alive connection) and one to a second server started with
+  ``--no-fast-route`` (MLflow's pandas path), interleaved so machine load hits all alike;
 - 8 concurrent clients on the same server (a mix of default and custom-tag requests): p50/p95,
   throughput, error answers and wrong answers (tags or scores that differ from what the same
   request gets in process);
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import http.client
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,10 +77,11 @@ def test_image(px: int) -> bytes:
 
 
 @contextmanager
-def server(pyfunc: Path, port: int, workers: int, log_path: Path, env: dict):
+def server(pyfunc: Path, port: int, workers: int, log_path: Path, env: dict, fast: bool = True):
     """``ramflow serve`` (``python -m orchestration.cli serve``) until the block ends."""
     cmd = [sys.executable, "-m", "orchestration.cli", "serve", "-m", str(pyfunc), "-p", str(port),
-           "-w", str(workers), "--timeout", "600"]  # the first long custom list may take minutes on a busy CPU
+           "-w", str(workers), "--timeout", "600",  # the first long custom list may take minutes on a busy CPU
+           *([] if fast else ["--no-fast-route"])]
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -114,6 +119,21 @@ def post(session: requests.Session, url: str, payload: dict) -> tuple[float, int
     r = session.post(f"{url}/invocations", json=payload, timeout=120)
     elapsed = time.perf_counter() - start
     return elapsed, r.status_code, (r.json()["predictions"][0] if r.ok else None)
+
+
+def raw_post(conn: http.client.HTTPConnection, payload: bytes) -> tuple[float, int, dict | None]:
+    """One keep-alive request with the standard library client (less client-side time than requests)."""
+    start = time.perf_counter()
+    conn.request("POST", "/invocations", body=payload, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    elapsed = time.perf_counter() - start
+    return elapsed, r.status, (json.loads(data)["predictions"][0] if r.status == 200 else None)
+
+
+def worker_threads(log_path: Path) -> list[str]:
+    """The torch thread counts the server workers logged at start."""
+    return re.findall(r"(\d+) torch threads", log_path.read_text())
 
 
 def pct(values: list[float], q: float) -> float:
@@ -183,11 +203,17 @@ def run(args: argparse.Namespace) -> dict:
                  for i in range(args.requests)]
         out: dict = {"config": args.config, "image_px": args.image_px, "torch_threads": torch.get_num_threads(),
                      "rounds": args.rounds}
-        with server(pyfunc, free_port(), 1, root / "serve1.log", env) as url:
-            session = requests.Session()
+        out["load_average_start"] = list(os.getloadavg())
+        with server(pyfunc, free_port(), 1, root / "serve1.log", env) as url, \
+                server(pyfunc, free_port(), 1, root / "plain.log", env, fast=False) as plain_url:
+            session, plain_session = requests.Session(), requests.Session()
+            conn = http.client.HTTPConnection(url.split("//")[1])
+            raw = json.dumps(body(b64, None)).encode()
             for _ in range(5):  # warm-up: first requests load lazily-built parts (text encoder)
                 post(session, url, body(b64, None)), post(session, url, body(b64, CUSTOM))
-            forward, tag_call, http, wrong = [], [], [], 0
+                post(plain_session, plain_url, body(b64, None)), raw_post(conn, raw)
+            times: dict[str, list[float]] = {k: [] for k in ("forward", "tag", "fast", "fast_raw", "plain")}
+            bad = {"fast": 0, "fast_raw": 0, "plain": 0}
             with torch.inference_mode():
                 for _ in range(5):
                     tagger.model.tag_logits(x)
@@ -197,15 +223,25 @@ def run(args: argparse.Namespace) -> dict:
                     t1 = time.perf_counter()
                     tagger.tag([data], threshold=0.0)
                     t2 = time.perf_counter()
-                    elapsed, status, pred = post(session, url, body(b64, None))
-                    forward.append(t1 - t0), tag_call.append(t2 - t1), http.append(elapsed)
-                    wrong += status != 200 or not same(pred, expected[None])
-            out["in_process_forward"] = {"p50_ms": pct(forward, 50), "p95_ms": pct(forward, 95)}
-            out["in_process_tag_bytes"] = {"p50_ms": pct(tag_call, 50), "p95_ms": pct(tag_call, 95)}
-            out["server_1_client"] = {"p50_ms": pct(http, 50), "p95_ms": pct(http, 95), "bad_answers": wrong}
-            out["ratio_server_p50_to_forward_p50"] = out["server_1_client"]["p50_ms"] / out["in_process_forward"]["p50_ms"]
-            out["ratio_server_p50_to_tag_bytes_p50"] = (out["server_1_client"]["p50_ms"]
-                                                        / out["in_process_tag_bytes"]["p50_ms"])
+                    times["forward"].append(t1 - t0), times["tag"].append(t2 - t1)
+                    for key, (elapsed, status, pred) in [("fast", post(session, url, body(b64, None))),
+                                                         ("fast_raw", raw_post(conn, raw)),
+                                                         ("plain", post(plain_session, plain_url, body(b64, None)))]:
+                        times[key].append(elapsed)
+                        bad[key] += status != 200 or not same(pred, expected[None])
+            conn.close()
+            out["torch_threads_server_workers"] = worker_threads(root / "serve1.log") + worker_threads(root / "plain.log")
+            out["in_process_forward"] = {"p50_ms": pct(times["forward"], 50), "p95_ms": pct(times["forward"], 95)}
+            out["in_process_tag_bytes"] = {"p50_ms": pct(times["tag"], 50), "p95_ms": pct(times["tag"], 95)}
+            for key, name in [("fast", "server_1_client"), ("fast_raw", "server_1_client_http_client"),
+                              ("plain", "server_1_client_mlflow_path")]:
+                out[name] = {"p50_ms": pct(times[key], 50), "p95_ms": pct(times[key], 95), "bad_answers": bad[key]}
+            fwd, tag_p50 = out["in_process_forward"]["p50_ms"], out["in_process_tag_bytes"]["p50_ms"]
+            out["ratio_server_p50_to_forward_p50"] = out["server_1_client"]["p50_ms"] / fwd
+            out["ratio_server_http_client_p50_to_forward_p50"] = out["server_1_client_http_client"]["p50_ms"] / fwd
+            out["ratio_mlflow_path_p50_to_forward_p50"] = out["server_1_client_mlflow_path"]["p50_ms"] / fwd
+            out["ratio_server_p50_to_tag_bytes_p50"] = out["server_1_client"]["p50_ms"] / tag_p50
+            out["ratio_tag_bytes_p50_to_forward_p50"] = tag_p50 / fwd
             out["server_8_clients_1_worker"] = concurrent_load(url, mixed, 8)
             out["custom_1000_tags"] = long_tag_list(url, b64, args.long_tags)
         with server(pyfunc, free_port(), 2, root / "serve2.log", env) as url:
@@ -213,6 +249,7 @@ def run(args: argparse.Namespace) -> dict:
             for _ in range(5):
                 post(session, url, body(b64, None)), post(session, url, body(b64, CUSTOM))
             out["server_8_clients_2_workers"] = concurrent_load(url, mixed, 8)
+        out["load_average_end"] = list(os.getloadavg())
         out["throughput_ratio_2_vs_1_workers"] = (out["server_8_clients_2_workers"]["throughput_rps"]
                                                   / out["server_8_clients_1_worker"]["throughput_rps"])
     return out
@@ -224,21 +261,30 @@ def markdown(res: dict) -> str:
              "| measure | p50 ms | p95 ms | throughput req/s | errors | wrong answers |", "|---|---|---|---|---|---|"]
     for key, label in [("in_process_forward", "in-process forward, batch 1"),
                        ("in_process_tag_bytes", "in-process Tagger.tag on the JPEG bytes"),
-                       ("server_1_client", "server, 1 client (1 worker)"),
+                       ("server_1_client", "server, 1 client (1 worker; fast route; requests)"),
+                       ("server_1_client_http_client", "server, 1 client (1 worker; fast route; http.client)"),
+                       ("server_1_client_mlflow_path", "server, 1 client (1 worker; --no-fast-route; requests)"),
                        ("server_8_clients_1_worker", "server, 8 clients, 1 worker"),
                        ("server_8_clients_2_workers", "server, 8 clients, 2 workers")]:
         r = res[key]
         thr = f"{r['throughput_rps']:.1f}" if "throughput_rps" in r else ""
         lines.append(f"| {label} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {thr} | {r.get('errors', '')} | "
                      f"{r.get('wrong_answers', r.get('bad_answers', ''))} |")
-    lines += ["", f"- server p50 at 1 client / in-process forward p50: {res['ratio_server_p50_to_forward_p50']:.2f}x",
+    lines += ["", f"- server p50 at 1 client / in-process forward p50: {res['ratio_server_p50_to_forward_p50']:.2f}x "
+              f"(http.client: {res['ratio_server_http_client_p50_to_forward_p50']:.2f}x; MLflow's path: "
+              f"{res['ratio_mlflow_path_p50_to_forward_p50']:.2f}x)",
+              f"- in-process Tagger.tag p50 / in-process forward p50: {res['ratio_tag_bytes_p50_to_forward_p50']:.2f}x",
               f"- server p50 at 1 client / in-process Tagger.tag p50: {res['ratio_server_p50_to_tag_bytes_p50']:.2f}x",
               f"- throughput at 8 clients, 2 workers / 1 worker: {res['throughput_ratio_2_vs_1_workers']:.2f}x"]
     t = res["custom_1000_tags"]
     lines += [f"- a request with {t['tags']} new tag names: {t['first_s']:.2f} s the first time (embedding; "
               f"HTTP {t['statuses'][0]}), {t['repeated_s']:.3f} s repeated (cached; HTTP {t['statuses'][1]}); "
               f"{t['default_requests_during_first']} default requests "
-              f"answered meanwhile (p50 {t['default_p50_ms_during_first'] or 0:.1f} ms)", ""]
+              f"answered meanwhile (p50 {t['default_p50_ms_during_first'] or 0:.1f} ms)",
+              f"- torch threads: {res['torch_threads']} in process, {', '.join(res['torch_threads_server_workers'])} "
+              "in the server workers (as they logged)",
+              f"- load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in res['load_average_start'])}; "
+              f"at end: {', '.join(f'{v:.2f}' for v in res['load_average_end'])}", ""]
     return "\n".join(lines)
 
 

@@ -108,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ram_model.serving import ServingConfig, serve
 
     overrides = {"max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
-                 "max_image_pixels": args.max_pixels, "batch_size": args.batch_size}
+                 "max_image_pixels": args.max_pixels, "batch_size": args.batch_size,
+                 "fast_route": False if args.no_fast_route else None}
     config = ServingConfig.from_env().model_copy(update={k: v for k, v in overrides.items() if v is not None})
     serve(args.model_uri, host=args.host, port=args.port, workers=args.workers,
           config=ServingConfig(**config.model_dump()), timeout_s=args.timeout)
@@ -164,6 +165,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-pixels", type=int, help="decoded pixels per image (default 40,000,000)")
     p.add_argument("--batch-size", type=int, help="images decoded and scored together (default 8)")
     p.add_argument("--timeout", type=int, help="seconds per request before HTTP 504 (MLflow's default: 60)")
+    p.add_argument("--no-fast-route", action="store_true",
+                   help="send every request through MLflow's pandas path (default: well-formed JSON skips it)")
     p.set_defaults(func=cmd_serve)
 
     from ram_model.train_cli import register as register_train  # `ramflow train` (training package)

@@ -20,6 +20,7 @@ stack traces from error answers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -27,7 +28,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ class ServingConfig(BaseModel):
     max_custom_tags: int = Field(1000, ge=1, description="names in the 'tags' param")
     batch_size: int = Field(8, ge=1, description="images decoded and scored together")
     embedding_cache_names: int = Field(20_000, ge=1, description="custom tag embeddings kept in memory")
+    fast_route: bool = Field(True, description="ramflow serve answers well-formed JSON requests without "
+                                               "MLflow's pandas pass (same answers; see limit_app)")
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "ServingConfig":
@@ -116,7 +119,9 @@ def check_image(text: Any, row: int, config: ServingConfig) -> bytes:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
                 width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError:  # PIL's message names a buffer address: not for the client
+        raise _bad(f"row {row}: the decoded bytes are not a readable image (unknown image format)") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise _bad(f"row {row}: the decoded bytes are not a readable image ({err})") from None
     except Image.DecompressionBombError:  # PIL's own guard (over twice Image.MAX_IMAGE_PIXELS)
         raise _bad(f"row {row}: image is too large to decode (more than {config.max_image_pixels:,} pixels "
@@ -208,15 +213,21 @@ class RamTaggerModel(mlflow.pyfunc.PythonModel):
         if IMAGE_COLUMN not in model_input.columns:
             raise _bad(f"input needs a column '{IMAGE_COLUMN}' of base64 images; got columns "
                        f"{list(map(str, model_input.columns))}")
+        rows = self.tag_rows(model_input[IMAGE_COLUMN].tolist(), params)
+        return pd.DataFrame(rows, columns=["tags", "scores"])
+
+    def tag_rows(self, images: list, params: dict | None) -> list[dict]:
+        """Base64 images and request params -> one ``{"tags": [...], "scores": [...]}`` per image
+        (what ``predict`` puts in its frame and the fast route of :func:`limit_app` answers)."""
+        config = getattr(self, "config", None) or ServingConfig()
         tags, threshold = _check_params(params, config)
         if tags is not None and self.tagger.model.config.text_encoder == "none":
             raise _bad("param 'tags' is not supported by this model: its tag embeddings are learned, "
                        "no text encoder can add new names")
         # headers and sizes of every row first (a bad row fails before any inference), pixels per batch
-        items = [(i, check_image(v, i, config)) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
+        items = [(i, check_image(v, i, config)) for i, v in enumerate(images)]
         results = self.tagger.tag(items, tags=tags, threshold=threshold, loader=load_checked)
-        rows = [{"tags": [t for t, _ in r], "scores": [float(s) for _, s in r]} for r in results]
-        return pd.DataFrame(rows, columns=["tags", "scores"])
+        return [{"tags": [t for t, _ in r], "scores": [float(s) for _, s in r]} for r in results]
 
 
 def example_images(data_root: str | Path, n: int = 2, split: str = "test") -> list[str]:
@@ -280,10 +291,118 @@ def _clean_error_body(body: bytes) -> bytes:
     return json.dumps(payload).encode()
 
 
-def limit_app(app, max_body_bytes: int):
+_FAST_FORMATS = ("dataframe_split", "dataframe_records", "inputs")
+_JSON_TYPES = {b"application/json", b"application/json; charset=utf-8", b"application/json;charset=utf-8"}
+_TIMEOUT_BODY = b"Request processing time exceeded limit"  # MLflow's own 504 answer
+
+
+def fast_request(payload: Any) -> tuple[list[str], dict] | None:
+    """``(images, params)`` of a decoded JSON request of the documented shape, or None for
+    anything else (MLflow's app then answers it, errors included).
+
+    Accepted: ``dataframe_split`` with columns ``["image"]``, ``dataframe_records`` with one key
+    ``image`` per record, or ``inputs`` as ``{"image": [...]}``; at least one row, every value a
+    string; optional ``params`` with only ``tags`` (list of strings) and ``threshold`` (number)."""
+    if not isinstance(payload, dict):
+        return None
+    formats = [key for key in payload if key != "params"]
+    if len(formats) != 1 or formats[0] not in _FAST_FORMATS:
+        return None
+    data = payload[formats[0]]
+    if formats[0] == "dataframe_split":
+        if not isinstance(data, dict) or set(data) != {"columns", "data"} or data["columns"] != [IMAGE_COLUMN]:
+            return None
+        rows = data["data"]
+        if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 1 for r in rows):
+            return None
+        images = [r[0] for r in rows]
+    elif formats[0] == "dataframe_records":
+        if not isinstance(data, list) or not all(isinstance(r, dict) and list(r) == [IMAGE_COLUMN] for r in data):
+            return None
+        images = [r[IMAGE_COLUMN] for r in data]
+    else:
+        if not isinstance(data, dict) or list(data) != [IMAGE_COLUMN] or not isinstance(data[IMAGE_COLUMN], list):
+            return None
+        images = data[IMAGE_COLUMN]
+    if not images or not all(isinstance(v, str) for v in images):
+        return None
+    params = payload.get("params", {})
+    if not isinstance(params, dict) or set(params) - {"tags", "threshold"}:
+        return None
+    if "tags" in params and not (isinstance(params["tags"], list) and all(isinstance(t, str) for t in params["tags"])):
+        return None
+    threshold = params.get("threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        return None
+    return images, params
+
+
+def fast_answer(python_model: RamTaggerModel, body: bytes) -> bytes | None:
+    """The 200 answer MLflow's app would give to ``body`` (``{"predictions": [...]}``, written
+    with the same ``json`` settings), computed without pandas and schema passes; None when the
+    request is not of :func:`fast_request`'s shape or fails in any way: MLflow's app then answers
+    it, so every error keeps MLflow's status and message."""
+    import orjson
+
+    try:
+        request = fast_request(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+    if request is None:
+        return None
+    try:
+        rows = python_model.tag_rows(*request)
+    except Exception:  # noqa: BLE001 - answered (and logged) by MLflow's path
+        return None
+    return json.dumps({"predictions": rows}).encode()
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None once more than ``limit`` bytes came in or the client left."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands ``body`` (already read) to the app, then the real channel."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_json(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def limit_app(app, max_body_bytes: int, fast: Callable[[bytes], bytes | None] | None = None,
+              timeout_s: float | None = None):
     """ASGI wrapper: refuse bodies over ``max_body_bytes`` before reading them (declared
     ``Content-Length``) or while they stream in (bytes counted), with 413 and a message; error
-    answers (status >= 400, JSON) lose their stack trace."""
+    answers (status >= 400, JSON) lose their stack trace.
+
+    Fast route (``fast``, e.g. :func:`fast_answer` bound to the model): a JSON ``POST
+    /invocations`` is read whole and ``fast(body)`` runs in a worker thread (within
+    ``timeout_s``, else MLflow's 504 answer); its bytes are the 200 answer. When it returns None
+    the body is handed, unchanged, to ``app``."""
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http":
@@ -296,6 +415,21 @@ def limit_app(app, max_body_bytes: int):
             for message in _json_answer(*too_large):
                 await send(message)
             return
+        if (fast is not None and scope.get("method") == "POST" and scope.get("path") == "/invocations"
+                and headers.get(b"content-type", b"").lower() in _JSON_TYPES):
+            body = await _read_body(receive, max_body_bytes)
+            if body is None:  # too large, or the client went away (then nobody reads the 413)
+                for message in _json_answer(*too_large):
+                    await send(message)
+                return
+            try:
+                answer = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fast, body),
+                                                timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                return await _send_json(send, 504, _TIMEOUT_BODY)
+            if answer is not None:
+                return await _send_json(send, 200, answer)
+            receive = _replay(body, receive)
         state = {"read": 0, "over": False, "started": None, "parts": []}
 
         async def limited_receive():
@@ -339,15 +473,33 @@ def limit_app(app, max_body_bytes: int):
     return wrapped
 
 
+def scoring_app(model, config: ServingConfig):
+    """MLflow's scoring app for a loaded pyfunc behind :func:`limit_app` (fast route on when
+    ``config.fast_route`` and the pyfunc wraps a :class:`RamTaggerModel`)."""
+    from functools import partial
+
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    from mlflow.pyfunc import scoring_server
+
+    python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
+    fast = (partial(fast_answer, python_model)
+            if config.fast_route and isinstance(python_model, RamTaggerModel) else None)
+    app = scoring_server.init(model)  # reads the same timeout variable for its own middleware
+    return limit_app(app, config.max_body_bytes, fast=fast, timeout_s=MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+
+
 def create_app(model_uri: str | None = None, config: ServingConfig | None = None):
     """MLflow's scoring app (``/invocations``, ``/ping``, ...) for the pyfunc at ``model_uri``
     (default ``$RAMFLOW_SERVING_MODEL_URI``) behind :func:`limit_app`."""
+    import torch
     from mlflow.pyfunc import scoring_server
 
     config = config or ServingConfig.from_env()
     uri = model_uri or os.environ[ENV_MODEL_URI]
     model = scoring_server.load_model_with_mlflow_config(uri)
-    return limit_app(scoring_server.init(model), config.max_body_bytes)
+    log.info("worker %d: %d torch threads, fast route %s", os.getpid(), torch.get_num_threads(),
+             "on" if config.fast_route else "off")
+    return scoring_app(model, config)
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,

@@ -10,6 +10,7 @@ serving contract, not accuracy; the pipeline test serves its trained champion in
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import struct
@@ -212,6 +213,123 @@ def test_unexpected_errors_answer_a_message_without_trace_or_paths(pyfunc, test_
     payload = r.json()
     assert "stack_trace" not in payload and "Traceback" not in r.text and "/home" not in r.text
     assert payload["message"].startswith("internal error while tagging (RuntimeError)")
+
+
+@pytest.fixture(scope="module")
+def fast_and_plain(pyfunc):
+    """The same scoring app twice, in process: with the fast route (its answers recorded) and
+    without it (every request through MLflow's pandas path)."""
+    from functools import partial
+
+    from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    from ram_model.serving import fast_answer
+
+    answered: list[bool] = []
+    fast = partial(fast_answer, pyfunc.unwrap_python_model())
+
+    def recorded(body: bytes):
+        answer = fast(body)
+        answered.append(answer is not None)
+        return answer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name, "false")
+        with TestClient(limit_app(scoring_server.init(pyfunc), 2**24, fast=recorded, timeout_s=60),
+                        raise_server_exceptions=False) as fast_client, \
+             TestClient(limit_app(scoring_server.init(pyfunc), 2**24), raise_server_exceptions=False) as plain:
+            yield fast_client, plain, answered
+
+
+def _split(images, **params):
+    return {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[b] for b in images]},
+            **({"params": params} if params else {})}
+
+
+FAST_CASES = {  # name: (body builder over the corpus images, answered by the fast route)
+    "split threshold 0": (lambda im: _split(im, threshold=0.0), True),
+    "split per-class thresholds": (lambda im: _split(im), True),
+    "split integer threshold": (lambda im: _split(im[:1], threshold=0), True),
+    "split negative threshold": (lambda im: _split(im[:2], threshold=-1), True),
+    "split custom tags, repeated": (lambda im: _split(im, tags=["cat", "windmill", "cat"], threshold=0.0), True),
+    "split empty tag list": (lambda im: _split(im[:1], tags=[], threshold=0.3), True),
+    "records custom tags": (lambda im: {"dataframe_records": [{IMAGE_COLUMN: b} for b in im],
+                                        "params": {"tags": ["kite", "dog"], "threshold": 0.0}}, True),
+    "inputs column dict": (lambda im: {"inputs": {IMAGE_COLUMN: im[:2]}, "params": {"threshold": 0.2}}, True),
+    "bad base64": (lambda im: _split(["%%%"]), False),
+    "not an image": (lambda im: _split([encode_image(b"hello")]), False),
+    "empty string": (lambda im: _split([""]), False),
+    "truncated image": (lambda im: _split([encode_image(base64.b64decode(im[0])[:60])]), False),
+    "wrong column": (lambda im: {"dataframe_split": {"columns": ["img"], "data": [[im[0]]]}}, False),
+    "extra column": (lambda im: {"dataframe_split": {"columns": [IMAGE_COLUMN, "x"], "data": [[im[0], 1]]}}, False),
+    "no rows": (lambda im: _split([]), False),
+    "threshold text": (lambda im: _split(im[:1], threshold="high"), False),
+    "threshold out of range": (lambda im: _split(im[:1], threshold=7), False),
+    "threshold bool": (lambda im: _split(im[:1], threshold=True), False),
+    "tags not a list": (lambda im: _split(im[:1], tags="cat"), False),
+    "blank tag": (lambda im: _split(im[:1], tags=["ok", " "]), False),
+    "unknown param": (lambda im: _split(im[:1], top_k=3), False),
+    "params null": (lambda im: {**_split(im[:1]), "params": None}, False),
+    "a list": (lambda im: [im[0]], False),
+    "two formats": (lambda im: {**_split(im[:1]), "dataframe_records": [{IMAGE_COLUMN: im[0]}]}, False),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_CASES))
+def test_fast_route_answers_exactly_like_mlflow(fast_and_plain, corpus_images, name):
+    """Every request gets the same status and body from the fast route as from MLflow's path
+    (byte for byte for 200s); well-formed requests are answered by the fast route, the rest
+    (errors included) fall through to MLflow's app."""
+    fast_client, plain, answered = fast_and_plain
+    build, by_fast_route = FAST_CASES[name]
+    content = json.dumps(build(corpus_images)).encode()
+    answered.clear()
+    got = fast_client.post("/invocations", content=content, headers={"content-type": "application/json"})
+    want = plain.post("/invocations", content=content, headers={"content-type": "application/json"})
+    assert answered == [by_fast_route]
+    assert got.status_code == want.status_code, (got.text[:300], want.text[:300])
+    assert got.headers["content-type"] == want.headers["content-type"]
+    if want.status_code == 200:
+        assert got.content == want.content
+    else:
+        assert got.json() == want.json() and "stack_trace" not in got.json()
+
+
+@pytest.mark.parametrize("content,content_type", [
+    (b"{not json", "application/json"),
+    (b'{"dataframe_split": {"columns": ["image"], "data": [["x"]]}, "params": {"threshold": NaN}}',
+     "application/json"),
+    (b"image\nabc\n", "text/csv"),
+    (b"{}", "application/json; charset=latin-1"),
+])
+def test_fast_route_leaves_other_bodies_to_mlflow(fast_and_plain, content, content_type):
+    fast_client, plain, answered = fast_and_plain
+    answered.clear()
+    got = fast_client.post("/invocations", content=content, headers={"content-type": content_type})
+    want = plain.post("/invocations", content=content, headers={"content-type": content_type})
+    assert not any(answered)
+    assert (got.status_code, got.content) == (want.status_code, want.content)
+    assert got.status_code >= 400
+
+
+def test_fast_route_timeout_answers_like_mlflow(pyfunc, corpus_images):
+    """A fast-route request past the timeout gets MLflow's own 504 answer."""
+    import time
+
+    from starlette.testclient import TestClient
+
+    def slow(body: bytes):
+        time.sleep(1.0)
+        return b"{}"
+
+    async def unused_app(scope, receive, send):
+        raise AssertionError("the fast route answered: nothing reaches the app")
+
+    client = TestClient(limit_app(unused_app, 2**24, fast=slow, timeout_s=0.05), raise_server_exceptions=False)
+    r = client.post("/invocations", json=_split(corpus_images[:1]))  # no lifespan: no `with`
+    assert r.status_code == 504 and r.content == b"Request processing time exceeded limit"
 
 
 def _check_concurrent_mix(url: str, corpus_images: list[str]) -> None:
