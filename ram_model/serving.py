@@ -15,7 +15,10 @@ Limits (:class:`ServingConfig`, from ``RAMFLOW_SERVING_*`` environment variables
 pixels per image (checked from the header before decoding), encoded bytes per image, custom tags
 per request. ``ramflow serve`` (:func:`serve`) runs MLflow's own scoring app behind
 :func:`limit_app`, which also caps the request body before it is read (HTTP 413) and strips
-stack traces from error answers.
+stack traces from error answers, and answers well-formed JSON requests itself (fast route:
+orjson, no pandas frame or schema pass, the model's tagging code called directly, the same bytes
+MLflow would answer); every other request, and every failing one, goes to MLflow's app
+unchanged, so errors keep MLflow's statuses and messages.
 """
 
 from __future__ import annotations
