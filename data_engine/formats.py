@@ -19,6 +19,9 @@ Keys are unique across splits and never contain ``.`` (webdataset splits extensi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 SPLITS: tuple[str, ...] = ("pretrain", "finetune", "test")
@@ -72,3 +75,17 @@ def engine_labels_path(root: str | Path, split: str, round_dir: str = "engine") 
 
 def model_dir(root: str | Path, stage: str) -> Path:
     return Path(root) / "models" / stage
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its folder): one writer at a time
+    across processes, e.g. per-partition runs merging into one manifest. Not re-entrant."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

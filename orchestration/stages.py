@@ -10,12 +10,11 @@ Nothing here computes results itself: counts and metrics are what the stage func
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,17 +73,9 @@ def _cfg(cls, section: str, env: StageEnv, overrides: dict | None):
     return stage_config(cls, section, env.params_path, **(overrides or {}))
 
 
-@contextlib.contextmanager
-def _lock(env: StageEnv, name: str) -> Iterator[None]:
+def _lock(env: StageEnv, name: str) -> contextlib.AbstractContextManager[None]:
     """Serialise merges of per-shard parts across concurrently running partition runs."""
-    path = env.data_root / ".locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return formats.file_lock(env.data_root / ".locks" / f"{name}.lock")
 
 
 # --------------------------------------------------------------------------- data stages

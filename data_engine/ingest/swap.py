@@ -20,15 +20,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-from data_engine.formats import raw_dir
+from data_engine.formats import file_lock, raw_dir
 from data_engine.ingest.writer import LEGACY_PARTS_DIR, PARTS
 
 log = logging.getLogger(__name__)
@@ -40,18 +38,10 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-@contextlib.contextmanager
-def ingest_lock(root: str | Path) -> Iterator[None]:
+def ingest_lock(root: str | Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``{root}/.locks/raw_ingest.lock`` (one ingest or manifest merge at a time per
     root, across processes; not re-entrant)."""
-    path = Path(root) / ".locks" / "raw_ingest.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(Path(root) / ".locks" / "raw_ingest.lock")
 
 
 def _token() -> str:
