@@ -1,6 +1,6 @@
 """Benchmark raw-pairs ingestion on real COCO photos (and on the embedded generator).
 
-    .venv/bin/python bench/bench_ingest.py [/work/shared/data/coco_dev] [--workers 1 2] [--embedded 600]
+    .venv/bin/python bench/bench_ingest.py [../shared/data/coco_dev] [--workers 1 2] [--embedded 600]
 
 COCO: builds a COCO captions JSON from ``coco_caption_objects.jsonl`` in a temp dir, ingests
 ``images/`` with it, and reports items/s plus the counts. Timings are reported against a
@@ -25,7 +25,7 @@ from PIL import Image
 
 from data_engine.ingest import IngestConfig, ingest
 
-DEFAULT_DATA = Path("/work/shared/data/coco_dev")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_dev"  # ../shared beside the repo
 
 
 def build_coco_json(data: Path, out: Path) -> tuple[Path, int, int]:

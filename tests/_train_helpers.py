@@ -1,4 +1,4 @@
-"""Tiny shards, label files and a stand-in model for the training tests (no /work/shared).
+"""Tiny shards, label files and a stand-in model for the training tests (no shared data needed).
 
 ``TinyTagger`` follows the model contract (``model(batch) -> {"loss", "loss_tag", ...}``,
 ``data_config``, ``tokenizer.encode``, ``set_tags``), has dropout (so RNG restore matters) and

@@ -200,18 +200,18 @@ def test_app_refuses_large_bodies_with_413(test_app):
 
 def test_unexpected_errors_answer_a_message_without_trace_or_paths(pyfunc, test_app, corpus_images, monkeypatch):
     def broken(*args, **kwargs):
-        raise RuntimeError("boom in /home/someone/secret/ram_model/inference.py line 12")
+        raise RuntimeError("boom in /srv/someone/secret/ram_model/inference.py line 12")
 
     monkeypatch.setattr(pyfunc.unwrap_python_model().tagger, "scores", broken)
     with pytest.raises(MlflowException) as err:                      # in process
         pyfunc.predict(pd.DataFrame({IMAGE_COLUMN: corpus_images[:1]}))
-    assert err.value.error_code == "INTERNAL_ERROR" and "/home" not in err.value.message
+    assert err.value.error_code == "INTERNAL_ERROR" and "/srv/someone" not in err.value.message
     body = {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [["abc"]]}}  # small enough for the 1 KiB cap
     monkeypatch.setattr("ram_model.serving.check_image", lambda text, row, config: b"")
     r = test_app.post("/invocations", json=body)                     # over HTTP
     assert r.status_code == 500, r.text
     payload = r.json()
-    assert "stack_trace" not in payload and "Traceback" not in r.text and "/home" not in r.text
+    assert "stack_trace" not in payload and "Traceback" not in r.text and "/srv/someone" not in r.text
     assert payload["message"].startswith("internal error while tagging (RuntimeError)")
 
 
