@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps run test bench clean
+.PHONY: install system-deps run test test-fast bench clean
 
 ## System parts: WordNet (tag synonyms) and Chromium (browser test), through apt when missing.
 system-deps:
@@ -42,6 +42,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+## The unit tier for daily work: no end-to-end pipelines, servers, browser or official weights.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not browser and not official"
 
 bench: install
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -112,6 +112,7 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+@pytest.mark.slow  # a real dvc repro of 11 stages, twice
 @pytest.mark.parametrize("section,key,value", [
     ("engine", "margin", 0.2),
     ("label_system", "min_freq", 2),

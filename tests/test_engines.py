@@ -61,6 +61,7 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(vals, vals[1:]))
 
 
+@pytest.mark.slow  # first DeepSpeed init compiles a comm op
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_and_deepspeed_match_at_world_size_one(root, tmp_path, channels_last):
     """Same losses and LRs; with channels_last weights too (DeepSpeed needs them in the default

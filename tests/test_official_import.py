@@ -259,6 +259,7 @@ def test_logits_and_tags_match_official(official_import, record_property):
         assert model.decode_captions(ids) == gold["captions"]
 
 
+@pytest.mark.slow  # MLflow store + pyfunc logging
 def test_register_puts_an_imported_model_in_the_registry_as_a_serving_pyfunc(tmp_path, capsys):
     import mlflow
     import pandas as pd

@@ -39,6 +39,7 @@ def _closing_log(stderr: str) -> dict:
     return json.loads(line.split("parse: ", 1)[1])
 
 
+@pytest.mark.slow  # ramflow parse in a subprocess
 @pytest.mark.parametrize("via", ["stdin", "input_file"])
 def test_invalid_utf8_is_replaced_and_counted(cfg, tmp_path, via):
     payload = b"".join(line + b"\n" for line in BAD_LINES)
@@ -60,6 +61,7 @@ def test_invalid_utf8_is_replaced_and_counted(cfg, tmp_path, via):
     assert stats["bad_utf8"] == 2 and stats["captions"] == len(BAD_LINES)
 
 
+@pytest.mark.slow  # ramflow parse in a subprocess
 def test_closing_log_has_time_and_rate(cfg):
     """The stdin-mode log used to print 0 s and a null captions/s."""
     r = subprocess.run([sys.executable, "-m", "orchestration.cli", "parse"],
