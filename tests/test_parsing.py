@@ -183,6 +183,7 @@ def _env(cfg) -> dict:
     return {**os.environ, "RAMFLOW_NLTK_DATA": str(cfg.nltk_data)}
 
 
+@pytest.mark.slow  # ramflow parse in a subprocess
 def test_cli_stdin_to_json_lines(cfg):
     captions = ["A dog on a beach", "", "Two cats on a sofa", "一只狗", "A man riding a horse"]
     r = subprocess.run(_cli(), input="".join(c + "\n" for c in captions), capture_output=True,
@@ -195,6 +196,7 @@ def test_cli_stdin_to_json_lines(cfg):
     assert "cat" in out[2] and "horse" in out[4]
 
 
+@pytest.mark.slow  # ramflow parse in a subprocess
 def test_cli_persistent_answers_each_line(cfg, tmp_path):
     """A caller that writes a few lines and waits for their answers must get them."""
     from data_engine.label_system import LabelSystem
