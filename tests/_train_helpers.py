@@ -65,6 +65,14 @@ def write_label_system(root: Path) -> Path:
     return LabelSystem([Label(i, name) for i, name in enumerate(TAGS)]).save(root / "label_system")
 
 
+def labelled_root(root: Path, shard_sizes: list[int], unlabeled_every: int = 0) -> Path:
+    """A data root with a labelled ``pretrain`` split of ``shard_sizes`` shards and the label system."""
+    make_split(root, "pretrain", shard_sizes, unlabeled_every=unlabeled_every)
+    write_label_system(root)
+    return root
+
+
+
 class CharTokenizer:
     """Bytes as token ids (0 = pad): enough for a caption loss in tests."""
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from _train_helpers import make_split, write_code_pickle, write_label_system
+from _train_helpers import labelled_root, write_code_pickle
 from data_engine.formats import labels_path
 from ram_model.checkpoint import FORMAT, STATE_FORMAT, load_model, load_state_dict, read_checkpoint
 from ram_model.engines import UnsafeCheckpointError
@@ -17,10 +17,7 @@ from ram_model.trainer import TRAINER_STATE, latest_checkpoint
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_split(root, "pretrain", [16, 16])
-    write_label_system(root)
-    return root
+    return labelled_root(tmp_path_factory.mktemp("data"), [16, 16])
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from _train_helpers import make_split, write_label_system
+from _train_helpers import labelled_root
 from data_engine.formats import labels_path, model_dir
 from ram_model.checkpoint import file_sha256
 from ram_model.train_stage import TrainStageConfig, train_stage
@@ -15,10 +15,7 @@ from ram_model.train_stage import TrainStageConfig, train_stage
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_split(root, "pretrain", [16, 16])
-    write_label_system(root)
-    return root
+    return labelled_root(tmp_path_factory.mktemp("data"), [16, 16])
 
 
 def _cfg(**kw) -> TrainStageConfig:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from _train_helpers import make_split, write_label_system
+from _train_helpers import labelled_root, make_split, write_label_system
 from data_engine.formats import labels_path
 from ram_model.tracking import start_pipeline_run, tracking_uri
 from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage
@@ -19,10 +19,7 @@ HELPERS = str(Path(__file__).parent)
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_split(root, "pretrain", [24, 24], unlabeled_every=9)
-    write_label_system(root)
-    return root
+    return labelled_root(tmp_path_factory.mktemp("data"), [24, 24], unlabeled_every=9)
 
 
 def _cfg(**kw) -> TrainStageConfig:
