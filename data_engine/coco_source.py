@@ -25,6 +25,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from data_engine.coco80 import read_instances, read_jsonl
+from data_engine.formats import TRUTH_FIELD
+from data_engine.ingest.images import clean_caption
+from data_engine.ingest.pipeline import ingest_pairs
+from data_engine.ingest.sources import RawPair, read_coco_captions
+
 log = logging.getLogger(__name__)
 
 
@@ -55,26 +61,17 @@ def source_config(params: dict[str, Any]) -> CocoSourceConfig:
 
 def read_rows(cfg: CocoSourceConfig) -> list[dict[str, Any]]:
     """Dataset rows ``{image_id, image_path, captions, objects}``, in split order (sha1 of the id)."""
-    from data_engine.coco80 import read_instances, read_jsonl
-
     path = Path(cfg.path)
     if path.suffix == ".jsonl":
         rows = read_jsonl(path)
     else:
-        import json
-
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-            raise ValueError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+        images, caps = read_coco_captions(path)
         images_dir = Path(cfg.images) if cfg.images is not None else path.parent
-        caps: dict[Any, list[str]] = {}
-        for ann in data["annotations"]:
-            caps.setdefault(ann.get("image_id"), []).append(ann.get("caption"))
         objects = read_instances(cfg.instances) if cfg.instances is not None else {}
         rows = [{"image_id": img.get("id"), "file_name": img.get("file_name"),
                  "image_path": str(images_dir / img["file_name"]) if img.get("file_name") else None,
                  "captions": caps.get(img.get("id"), []), "objects": objects.get(img.get("id"), [])}
-                for img in data["images"]]
+                for img in images]
     rows.sort(key=lambda r: hashlib.sha1(str(r["image_id"]).encode()).hexdigest())
     return rows[: cfg.max_images] if cfg.max_images else rows
 
@@ -87,12 +84,8 @@ def split_rows(rows: list[dict[str, Any]], cfg: CocoSourceConfig) -> dict[str, l
     return {"pretrain": rows[n_test + n_ft:], "finetune": rows[n_test:n_test + n_ft], "test": rows[:n_test]}
 
 
-def iter_pairs(rows: list[dict[str, Any]]) -> Iterator[Any]:
+def iter_pairs(rows: list[dict[str, Any]]) -> Iterator[RawPair]:
     """Ingest items (``RawPair``) of ``rows``: first caption, all captions, COCO-80 truth."""
-    from data_engine.formats import TRUTH_FIELD
-    from data_engine.ingest.images import clean_caption
-    from data_engine.ingest.sources import RawPair
-
     for r in rows:
         captions = [c for c in (clean_caption(x) for x in r.get("captions") or []) if c]
         key = Path(r.get("file_name") or r.get("image_path") or str(r["image_id"])).stem
@@ -113,8 +106,6 @@ def shard_counts(cfg: CocoSourceConfig, shard_size: int) -> dict[str, int]:
 
 def ingest_coco_source(root: str | Path, cfg: CocoSourceConfig, ingest_cfg) -> Any:
     """Write every split of the dataset as shards under ``root/raw``; returns the merged summary."""
-    from data_engine.ingest.pipeline import ingest_pairs
-
     summary = None
     for split, rows in split_rows(read_rows(cfg), cfg).items():
         if rows:  # each call swaps the split in and re-merges the manifest of all splits

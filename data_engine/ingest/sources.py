@@ -250,11 +250,11 @@ def _check_coco_types(path: Path, data: dict[str, Any]) -> None:
                 raise ValueError(f"{path}: images[{i}].file_name must be a string, got {type(name).__name__}")
 
 
-def iter_coco(captions_json: str | Path, images_dir: str | Path | None = None) -> Iterator[RawPair]:
-    """Pairs from a COCO captions file (``images``: id/file_name; ``annotations``:
-    image_id/caption) and its image folder (default: the JSON's folder)."""
+def read_coco_captions(captions_json: str | Path) -> tuple[list[dict[str, Any]], dict[Any, list[Any]]]:
+    """A COCO captions file -> its ``images`` entries and the raw captions of each image id.
+    The file is checked whole first (shape and every entry's JSON type): a malformed file is
+    refused with a ``ValueError`` naming the bad entry, before anything is written."""
     captions_json = Path(captions_json)
-    images_dir = Path(images_dir) if images_dir is not None else captions_json.parent
     with open(captions_json, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
@@ -263,8 +263,17 @@ def iter_coco(captions_json: str | Path, images_dir: str | Path | None = None) -
     by_image: dict[Any, list[Any]] = {}
     for ann in data["annotations"]:
         by_image.setdefault(ann.get("image_id"), []).append(ann.get("caption"))
+    return data["images"], by_image
+
+
+def iter_coco(captions_json: str | Path, images_dir: str | Path | None = None) -> Iterator[RawPair]:
+    """Pairs from a COCO captions file (``images``: id/file_name; ``annotations``:
+    image_id/caption) and its image folder (default: the JSON's folder)."""
+    captions_json = Path(captions_json)
+    images_dir = Path(images_dir) if images_dir is not None else captions_json.parent
+    images, by_image = read_coco_captions(captions_json)
     image_ids = set()
-    for entry in data["images"]:
+    for entry in images:
         image_id, file_name = entry.get("id"), entry.get("file_name")
         image_ids.add(image_id)
         if not file_name:
