@@ -175,15 +175,20 @@ class FastTagHead:
                 ffn2=PackedLinear(layer.output.dense, dtype, onednn), norm2=_norm(layer.output.LayerNorm, dtype)))
         self.fc_w = model.fc.weight.detach().to(dtype).reshape(-1)  # [D]
         self.fc_b = model.fc.bias.detach().to(dtype)
-        self._queries: tuple | None = None  # (key, queries [C, D], first-layer q [C, D])
+        # (label_embed itself, its version, queries [C, D], first-layer q [C, D]). Holding the tensor
+        # keeps its memory from being reused by another tag set, so identity + version is a safe key.
+        self._queries: tuple | None = None
 
     def queries(self, label_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``relu(wordvec_proj(label_embed))`` and its first-layer query projection, cached per tag set."""
-        key = (label_embed.data_ptr(), tuple(label_embed.shape), label_embed._version)
-        if self._queries is None or self._queries[0] != key:
+        """``relu(wordvec_proj(label_embed))`` and its first-layer query projection, cached per tag set.
+        The cache is read and replaced as one tuple, so concurrent calls with different tag sets
+        never mix one set's queries into another's answer."""
+        cached = self._queries
+        if cached is None or cached[0] is not label_embed or cached[1] != label_embed._version:
             x0 = F.relu(self.wordvec_proj(label_embed.detach().float())).to(self.dtype)  # [C, D]
-            self._queries = (key, x0, self.layers[0]["query"](x0))
-        return self._queries[1], self._queries[2]
+            cached = (label_embed, label_embed._version, x0, self.layers[0]["query"](x0))
+            self._queries = cached
+        return cached[2], cached[3]
 
     def __call__(self, tokens: torch.Tensor, label_embed: torch.Tensor) -> torch.Tensor:
         """Final Swin tokens ``[B, hw, Cb]`` -> logits ``[B, C]`` (fp32)."""
