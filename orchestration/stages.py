@@ -10,6 +10,8 @@ Nothing here computes results itself: counts and metrics are what the stage func
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import shutil
@@ -24,8 +26,8 @@ from data_engine.params import load_params, stage_config
 
 from .model_registry import pipeline_run_id, register_and_gate, registration_fingerprint, write_json
 from .partitions import group_by_split, shard_key, shard_keys
-from .pipeline import STAGE_NAMES, plots_dir, report_path
-from .settings import StageEnv, registry_config
+from .pipeline import STAGE_NAMES, plots_dir, report_path, stage_spec
+from .settings import StageEnv, registry_config, training_backend
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +228,10 @@ def _train(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
     from ram_model.train_stage import TrainStageConfig
 
     cfg = _cfg(TrainStageConfig, stage, env, overrides)
-    # the launcher resource decides the engine; runs go to this pipeline's tracking store
+    training_backend(stage, cfg.engine, env.launcher)  # params decide the backend; a launcher disagreeing fails
+    # runs go to this pipeline's tracking store
     labels, init_stage, split = _TRAIN_INPUTS[stage](env.data_root)
-    update = {"engine": env.launcher.mode, "tracking_uri": env.tracking_uri(), "experiment": env.mlflow.experiment}
+    update = {"tracking_uri": env.tracking_uri(), "experiment": env.mlflow.experiment}
     if "splits" not in (load_params(env.params_path).get(stage) or {}) and "splits" not in (overrides or {}):
         update["splits"] = [split]  # the data flow decides the split unless params say otherwise
     cfg = cfg.model_copy(update=update)
@@ -247,7 +250,7 @@ def _launch_training(env: StageEnv, cfg, out_dir: Path, labels: Path, init_from:
     """In-process torch, or DeepSpeed workers through the training package's torchrun launcher."""
     from ram_model import train_stage as ts
 
-    if env.launcher.mode == "deepspeed":
+    if cfg.engine == "deepspeed":
         return ts.launch_train_stage(cfg, env.data_root, out_dir, labels, init_from, parent,
                                      nproc=env.launcher.nproc, timeout_s=env.launcher.timeout_s)
     return ts.train_stage(cfg, env.data_root, out_dir, labels, init_from, parent)
@@ -427,23 +430,137 @@ def run_registered_model(env: StageEnv, keys=None, overrides=None) -> StageOutco
                         mlflow_run_id=model.get("run_id"))
 
 
+# --------------------------------------------------------------------------- finished stages
+
+# Stages whose finished outputs are reused when nothing they read changed (:func:`run_stage`).
+# The training stages and registered_model decide that themselves (train_result.json fingerprint,
+# registry fingerprint), since MLflow holds part of their state.
+SKIPPABLE = ("raw_pairs", "parsed_tags", "label_system", "engine_cleaned_data", "engine_refined_data",
+             "evaluation_report")
+_CODE_PACKAGES = ("data_engine", "ram_model", "orchestration")
+
+
+def _code_deps(name: str, base: Path) -> tuple[str, ...]:
+    """The code a stage depends on: its ``dvc.yaml`` deps outside the data root (the rule DVC
+    reruns it by), or all three packages when there is no dvc.yaml beside them."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load((base / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        deps = tuple(d for d in stages[name]["deps"] if isinstance(d, str) and not d.startswith("${"))
+    except (OSError, KeyError, TypeError, ValueError):
+        return _CODE_PACKAGES
+    return deps or _CODE_PACKAGES
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest(name: str) -> str:
+    """sha256 of the code stage ``name`` depends on (:func:`_code_deps`): changed code reruns it."""
+    h = hashlib.sha256()
+    base = Path(__file__).resolve().parents[1]
+    for dep in _code_deps(name, base):
+        top = base / dep
+        for path in [top] if top.is_file() else sorted(top.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                h.update(path.relative_to(base).as_posix().encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _tree_digest(root: Path, rels: tuple[str, ...]) -> str:
+    """sha256 of the relative paths and bytes of every file below ``root/rel`` for each ``rel``
+    (training checkpoints left out: a model folder's train_result.json holds its weights' sha256)."""
+    h = hashlib.sha256()
+    for rel in rels:
+        top = root / rel
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        h.update(f"{rel}:{len(files)}".encode())
+        for path in files:
+            if "checkpoints" in path.relative_to(root).parts:
+                continue
+            h.update(path.relative_to(root).as_posix().encode())
+            with path.open("rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def stage_fingerprints(name: str, env: StageEnv, keys: list[str] | None) -> tuple[str, str] | None:
+    """``(inputs, outputs)`` digests of a :data:`SKIPPABLE` stage, else None. Inputs: its params
+    sections, the shard keys, its code and every file its upstream stages wrote; outputs: every
+    file it writes (``StageSpec.outs``). A report holding both, equal to the current ones, means
+    the stage finished on these inputs and its outputs are untouched since."""
+    if name not in SKIPPABLE:
+        return None
+    spec, params = stage_spec(name), load_params(env.params_path)
+    if name == "raw_pairs" and (params.get("source") or {}).get("kind", "embedded") != "embedded":
+        return None  # an external dataset is not part of the inputs hashed here
+    if keys is not None and spec.partitioned and set(keys) >= set(shard_keys(env.params_path)):
+        keys = None  # every partition (Dagster's range) is the whole stage (DVC's run)
+    head = {"stage": name, "keys": sorted(keys) if keys else None, "code": _code_digest(name),
+            "params": {section: params.get(section) for section in spec.params},
+            "mlflow": [env.tracking_uri(), env.mlflow.experiment]}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+    for upstream in spec.upstream:
+        h.update(_tree_digest(env.data_root, stage_spec(upstream).outs).encode())
+    return h.hexdigest(), _tree_digest(env.data_root, spec.outs)
+
+
+def _finished(name: str, env: StageEnv, fingerprints: tuple[str, str] | None) -> StageOutcome | None:
+    """The stored outcome of ``name`` when its report says it finished on the current inputs and
+    its outputs are the ones it wrote; else None."""
+    if fingerprints is None:
+        return None
+    try:
+        report = json.loads(report_path(env.data_root, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if [report.get("inputs"), report.get("outputs")] != list(fingerprints):
+        return None
+    return StageOutcome(name, report.get("metrics", {}), report.get("details", {}), report.get("plots", []),
+                        report.get("mlflow_run_id"), float(report.get("seconds", 0.0)))
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write ``reports/{stage}.json`` atomically: its presence marks the stage finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 RUNNERS: dict[str, Callable[..., StageOutcome]] = {name: globals()[f"run_{name}"] for name in STAGE_NAMES}
 
 
 def run_stage(name: str, env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
-    """Run one stage and write ``reports/{name}.json`` (what DVC reads as metrics)."""
+    """Run one stage and write ``reports/{name}.json`` (what DVC reads as metrics).
+
+    The report is removed before the stage starts and written (atomically) only once it has
+    finished, so an interrupted stage (Ctrl-C, a crash) leaves no report and runs again next
+    time, while a :data:`SKIPPABLE` stage whose report matches its current inputs and outputs
+    (:func:`stage_fingerprints`) is not run again: a rerun continues from the last finished stage.
+    """
     if name not in RUNNERS:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
     env.data_root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    fingerprints = stage_fingerprints(name, env, keys) if not overrides else None
+    done = _finished(name, env, fingerprints)
+    if done is not None:
+        log.info("stage %s is up to date (inputs and outputs unchanged since it finished): not run again", name)
+        done.details["up_to_date"] = True
+        return done
+    report_file = report_path(env.data_root, name)
+    report_file.unlink(missing_ok=True)  # no report while the stage's outputs are being (re)written
     outcome = RUNNERS[name](env, keys, overrides)
     outcome.seconds = time.perf_counter() - start
     report = outcome.to_dict()
     if name == "registered_model":
         report["decision"] = outcome.details["decision"]
-    write_json(report_path(env.data_root, name), report)
+    if fingerprints is not None:  # inputs as read before the run; outputs as written
+        report["inputs"], report["outputs"] = fingerprints[0], _tree_digest(env.data_root, stage_spec(name).outs)
+    _write_report(report_file, report)
     plots_dir(env.data_root, name).mkdir(parents=True, exist_ok=True)
     log.info("stage %s done in %.1fs", name, outcome.seconds)
     return outcome
