@@ -49,10 +49,13 @@ def cfg(nltk_data) -> LabelSystemConfig:
     return LabelSystemConfig(min_freq=3, nltk_data=nltk_data)
 
 
-@pytest.fixture
-def built(tmp_path, cfg):
-    parsed = write_parsed(tmp_path / "p.parquet", CORPUS)
-    return build_label_system([parsed], cfg, tmp_path / "ls"), parsed
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, nltk_data):
+    """``(label system, parsed file)`` over CORPUS, built once for the module (each build reads
+    WordNet: seconds) into ``{parsed's folder}/ls``; a test that changes it loads its own copy."""
+    tmp = tmp_path_factory.mktemp("built")
+    parsed = write_parsed(tmp / "p.parquet", CORPUS)
+    return build_label_system([parsed], LabelSystemConfig(min_freq=3, nltk_data=nltk_data), tmp / "ls"), parsed
 
 
 def test_wordnet_setup_is_idempotent(nltk_data):
@@ -88,14 +91,14 @@ def test_deterministic(tmp_path, cfg, built):
     ls, parsed = built
     again = build_label_system([parsed], cfg, tmp_path / "ls2")
     assert again.names == ls.names
-    assert (tmp_path / "ls2/label_system.json").read_text() == (tmp_path / "ls/label_system.json").read_text()
+    assert (tmp_path / "ls2/label_system.json").read_text() == (parsed.parent / "ls/label_system.json").read_text()
 
 
 def test_ids_stable_under_additions(tmp_path, cfg, built):
     ls, parsed = built
     more = write_parsed(tmp_path / "more.parquet", CORPUS + [[("kangaroo", "object")]] * 5
                         + [[("aardvark", "object")]] * 4)
-    grown = build_label_system([more], cfg, tmp_path / "ls3", previous=tmp_path / "ls")
+    grown = build_label_system([more], cfg, tmp_path / "ls3", previous=parsed.parent / "ls")
     assert grown.names[: len(ls)] == ls.names
     assert grown.names[len(ls):] == ["kangaroo", "aardvark"]
     for name in ls.names:
@@ -112,7 +115,8 @@ def test_editable_synonyms_file(tmp_path, cfg):
 
 
 def test_ram_format_round_trip(tmp_path, built):
-    ls, _ = built
+    ls = LabelSystem.load(built[1].parent / "ls")  # a private copy: the threshold below changes it
+    assert ls.names == built[0].names
     ls.labels[ls.id_of("car")].threshold = 0.8
     ls.save(tmp_path / "rt")
     lines = (tmp_path / "rt/ram_tag_list.txt").read_text().splitlines()
