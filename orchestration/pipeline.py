@@ -8,6 +8,7 @@ metrics, the metadata Dagster shows) and may write pictures under ``plots/{name}
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,15 @@ STAGES: tuple[StageSpec, ...] = (
               ("models/preliminary_model",), False, "tagging + captioning model trained on parsed tags"),
     StageSpec("engine_cleaned_data", ("raw_pairs", "label_system", "preliminary_model"), ("engine",),
               ("engine",), False, "data engine: generated missing tags, cleaned wrong ones"),
-    StageSpec("retrained_model", ("raw_pairs", "label_system", "engine_cleaned_data"), ("retrained_model",),
-              ("models/retrained_model",), False, "same recipe retrained on engine-cleaned labels"),
+    # retrained_model and refined_model start from the model before them (init_from in params.yaml)
+    StageSpec("retrained_model", ("raw_pairs", "label_system", "preliminary_model", "engine_cleaned_data"),
+              ("retrained_model",), ("models/retrained_model",), False,
+              "the preliminary model trained on engine-cleaned labels"),
     StageSpec("engine_refined_data", ("raw_pairs", "label_system", "retrained_model"), ("engine", "engine_refined"),
               ("engine_refined",), False, "second engine round: the retrained model relabels the captions"),
-    StageSpec("refined_model", ("raw_pairs", "label_system", "engine_refined_data"), ("refined_model",),
-              ("models/refined_model",), False, "the same recipe trained on the second round's labels"),
+    StageSpec("refined_model", ("raw_pairs", "label_system", "retrained_model", "engine_refined_data"),
+              ("refined_model",), ("models/refined_model",), False,
+              "the retrained model trained on the second round's labels"),
     StageSpec("finetuned_model", ("raw_pairs", "label_system", "refined_model"), ("finetuned_model",),
               ("models/finetuned_model",), False, "short fine-tune on the clean finetune split"),
     StageSpec("evaluation_report",
@@ -78,3 +82,34 @@ def downstream(name: str) -> set[str]:
         found |= nxt
         frontier = nxt
     return found
+
+
+def stage_seconds(events: Iterable[tuple[str, str, float]]) -> dict[str, float]:
+    """Wall seconds per stage from a run's step events ``(step key, event type, unix time)``.
+
+    A stage's time runs from its ``STEP_START`` to its ``STEP_SUCCESS`` or ``STEP_FAILURE``
+    (Dagster's step key is the asset name, the stage name here); steps that are not stages
+    (asset checks) are left out. Stages in pipeline order; a stage that started but never
+    ended is not listed.
+    """
+    start: dict[str, float] = {}
+    took: dict[str, float] = {}
+    for key, kind, stamp in events:
+        if key not in STAGE_NAMES:
+            continue
+        if kind == "STEP_START":
+            start[key] = stamp
+        elif kind in ("STEP_SUCCESS", "STEP_FAILURE") and key in start:
+            took[key] = stamp - start[key]
+    return {name: took[name] for name in STAGE_NAMES if name in took}
+
+
+def format_stage_times(seconds: dict[str, float], wall: float) -> str:
+    """A fixed-width table of each stage's seconds and share of ``wall``, then the total line."""
+    width = max((len(n) for n in seconds), default=5)
+    lines = [f"{'stage':<{width}}  {'seconds':>8}  {'share':>6}"]
+    for name, s in seconds.items():
+        lines.append(f"{name:<{width}}  {s:8.1f}  {s / wall:6.1%}" if wall > 0 else f"{name:<{width}}  {s:8.1f}")
+    lines.append(f"{'stages':<{width}}  {sum(seconds.values()):8.1f}")
+    lines.append(f"{'wall time':<{width}}  {wall:8.1f}")
+    return "\n".join(lines)

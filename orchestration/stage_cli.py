@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default=None, help="params file (default: $RAMFLOW_PARAMS or params.yaml)")
     p.add_argument("--data-root", default=None, help="override paths.data_root")
-    p.add_argument("--launcher", choices=("torch", "deepspeed"), default=os.environ.get("RAMFLOW_LAUNCHER", "torch"),
-                   help="training in process (torch) or DeepSpeed workers via torchrun")
+    p.add_argument("--launcher", choices=("torch", "deepspeed"), default=os.environ.get("RAMFLOW_LAUNCHER") or None,
+                   help="default: each training section's engine in params; set: must agree with it")
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed worker processes")
     p.add_argument("--tracking-uri", default=os.environ.get("RAMFLOW_MLFLOW_URI") or None,
                    help="MLflow tracking uri (default sqlite:///{data_root}/mlflow/mlflow.db)")
@@ -85,7 +85,7 @@ def ensure_dagster_home(path: str | os.PathLike | None = None) -> Path:
 
 
 def run_pipeline(params: str | os.PathLike | None = None, data_root: str | None = None,
-                 launcher: str = "torch", nproc: int = 2, tracking_uri: str | None = None,
+                 launcher: str | None = None, nproc: int = 2, tracking_uri: str | None = None,
                  instance=None, raise_on_error: bool = True):
     """Materialize every asset (all shard partitions in one run) under a fresh MLflow
     pipeline run; returns ``(ExecuteInProcessResult, pipeline_run_id)``."""
@@ -104,7 +104,7 @@ def run_pipeline(params: str | os.PathLike | None = None, data_root: str | None 
     resources = {
         "storage": RamflowStorage(params_path=str(env.params_path.resolve()), data_root=str(env.data_root)),
         "mlflow": MlflowResource(tracking_uri=tracking_uri or "", parent_run_id=parent),
-        "launcher": TrainingLauncher(mode=launcher, nproc=nproc),
+        "launcher": TrainingLauncher(mode=launcher or "", nproc=nproc),
     }
     defs = build_definitions(env.params_path, resources=resources)
     keys = shard_keys(env.params_path)
@@ -128,6 +128,18 @@ def engine_labels_line(report: Path) -> str | None:
              for step in ("parsed", "generated", "cleaned")]
     parts = [f"{step} P {p:.3f} R {r:.3f}" for step, p, r in steps if p is not None and r is not None]
     return "labels vs truth: " + ", ".join(parts) if parts else None
+
+
+def run_stage_times(run_id: str, wall: float, instance=None) -> str:
+    """Each stage's seconds in Dagster run ``run_id`` (its step events) and the run's wall time."""
+    import dagster as dg
+
+    from .pipeline import format_stage_times, stage_seconds
+
+    instance = instance or dg.DagsterInstance.get()
+    events = [(e.step_key, e.dagster_event.event_type_value, e.timestamp) for e in instance.all_logs(run_id)
+              if e.dagster_event is not None and e.step_key]
+    return format_stage_times(stage_seconds(events), wall)
 
 
 def _cmd_run(args) -> int:
@@ -155,6 +167,7 @@ def _cmd_run(args) -> int:
         d = json.loads(registry.read_text())["decision"]
         print(f"\nregistry: {d['model_name']} v{d['version']} "
               f"{'is champion' if d['promoted'] else 'is challenger only'} ({d['reason']})")
+    print("\n" + run_stage_times(result.run_id, wall))
     print(f"pipeline {'SUCCEEDED' if result.success else 'FAILED'}: dagster run {result.run_id}, "
           f"MLflow pipeline run {parent}, wall time {wall:.1f}s")
     return 0 if result.success else 1
