@@ -305,8 +305,21 @@ def _stage_inputs(cfg: TrainStageConfig, data_root: Path, labels: Path | Sequenc
 
     names = LabelSystem.load(label_system_dir(data_root)).names
     label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
-    init = init_from if init_from is not None else (Path(cfg.init_from) if cfg.init_from else None)
+    init = init_from if init_from is not None else config_init(cfg, data_root)
     return names, [*label_files, *_clean_mix_labels(cfg, data_root)], init
+
+
+def config_init(cfg: TrainStageConfig, data_root: Path) -> Path | None:
+    """The model ``cfg.init_from`` names: an absolute path as is, a relative one below ``data_root``
+    (``models/preliminary_model``), so a params file warm-starts a stage from an upstream stage's
+    model whatever its data root. A missing model is an error, never a silent start from scratch."""
+    if not cfg.init_from:
+        return None
+    path = Path(cfg.init_from)
+    path = path if path.is_absolute() else Path(data_root) / path
+    if not path.exists():
+        raise FileNotFoundError(f"init_from {cfg.init_from!r}: {path} does not exist (run the stage that writes it)")
+    return path
 
 
 def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
