@@ -64,13 +64,13 @@ def _register_ingest(subparsers) -> None:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from data_engine.ingest import IngestConfig, ingest
-    from data_engine.params import stage_config
+    from data_engine.params import given, stage_config
 
     cfg = stage_config(
         IngestConfig, "ingest", args.params,
-        shard_size=args.shard_size, max_side=args.max_side, max_pixels=args.max_pixels,
-        workers=args.workers, image_column=args.image_column, caption_column=args.caption_column,
-        key_column=args.key_column, split=args.split, progress=False if args.no_progress else None,
+        **given(shard_size=args.shard_size, max_side=args.max_side, max_pixels=args.max_pixels,
+                workers=args.workers, image_column=args.image_column, caption_column=args.caption_column,
+                key_column=args.key_column, split=args.split, progress=False if args.no_progress else None),
     )
     corpus_cfg = None
     if args.source == "embedded":

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_engine.coco80 import read_instances, read_jsonl
 from data_engine.formats import TRUTH_FIELD
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 class CocoSourceConfig(BaseModel):
     """``source:`` in params.yaml (kind ``coco``)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     kind: Literal["embedded", "coco"] = "embedded"
     path: Path | None = Field(None, description="JSON-lines dataset or official captions JSON")

@@ -19,13 +19,15 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
 
 class FeatureEngineConfig(BaseModel):
     """The generation rule (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     folds: int = Field(5, ge=2, description="k of the out-of-fold scoring")
     parsed_precision: float = Field(0.6, gt=0, le=1,

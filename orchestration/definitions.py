@@ -44,7 +44,7 @@ def build_definitions(params_path: str | os.PathLike | None = None,
         resources={
             "storage": RamflowStorage(params_path=str(params), data_root=os.environ.get("RAMFLOW_DATA_ROOT", "")),
             "mlflow": MlflowResource(tracking_uri=os.environ.get("RAMFLOW_MLFLOW_URI", "")),
-            "launcher": TrainingLauncher(mode=os.environ.get("RAMFLOW_LAUNCHER", "torch")),
+            "launcher": TrainingLauncher(mode=os.environ.get("RAMFLOW_LAUNCHER", "")),
             **(resources or {}),
         },
     )

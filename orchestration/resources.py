@@ -52,14 +52,19 @@ class MlflowResource(dg.ConfigurableResource):
 
 
 class TrainingLauncher(dg.ConfigurableResource):
-    """How training stages run: in this process (``torch``) or DeepSpeed workers via torchrun."""
+    """How training stages run: in this process (``torch``) or DeepSpeed workers via torchrun.
 
-    mode: Literal["torch", "deepspeed"] = "torch"
+    The backend is each training section's ``engine:`` in params.yaml; ``mode`` empty leaves it
+    there, a set ``mode`` must agree with it (a conflict fails the stage, see
+    :func:`.settings.training_backend`).
+    """
+
+    mode: Literal["", "torch", "deepspeed"] = ""
     nproc: int = 2
     timeout_s: int = 3600
 
     def settings(self) -> LauncherSettings:
-        return LauncherSettings(mode=self.mode, nproc=self.nproc, timeout_s=self.timeout_s)
+        return LauncherSettings(mode=self.mode or None, nproc=self.nproc, timeout_s=self.timeout_s)
 
 
 def stage_env(storage: RamflowStorage, mlflow: MlflowResource, launcher: TrainingLauncher) -> StageEnv:

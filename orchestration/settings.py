@@ -56,11 +56,36 @@ class MlflowSettings:
     parent_run_id: str | None = None     # None: the data root's pipeline run (created on demand)
 
 
+Backend = Literal["torch", "deepspeed"]
+
+
+class BackendConflictError(ValueError):
+    """The launcher asks for another training backend than the stage's params section sets."""
+
+
 @dataclass(frozen=True)
 class LauncherSettings:
-    mode: Literal["torch", "deepspeed"] = "torch"
-    nproc: int = 2
+    """How training stages are launched. The backend itself is the stage's ``engine:`` in
+    params.yaml; ``mode`` None leaves it to params, a set ``mode`` (``RAMFLOW_LAUNCHER``,
+    ``--launcher``, the Dagster ``launcher`` resource) must agree with it."""
+
+    mode: Backend | None = None
+    nproc: int = 2               # DeepSpeed worker processes
     timeout_s: int = 3600
+
+
+def training_backend(stage: str, params_backend: str, launcher: LauncherSettings) -> str:
+    """The backend a training stage runs with: its params section's ``engine``.
+
+    A launcher that names another backend is an error, never a silent replacement: one run
+    must not train with DeepSpeed while params.yaml (and the model's saved config) say torch.
+    """
+    if launcher.mode is None or launcher.mode == params_backend:
+        return params_backend
+    raise BackendConflictError(
+        f"training backend conflict for {stage!r}: params.yaml sets {stage}.engine: {params_backend}, "
+        f"the launcher (RAMFLOW_LAUNCHER / --launcher / the Dagster launcher resource) asks for "
+        f"{launcher.mode!r}; set {stage}.engine in the params file and leave the launcher mode unset")
 
 
 @dataclass(frozen=True)

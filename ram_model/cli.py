@@ -75,11 +75,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from data_engine.formats import list_shards
-    from data_engine.params import load_params, stage_config
+    from data_engine.params import given, load_params, stage_config
     from ram_model.evaluate import EvaluationConfig, calibrate_checkpoint, evaluate_checkpoint
 
-    cfg = stage_config(EvaluationConfig, "evaluation", args.params, split=args.split, threshold=args.threshold,
-                       max_samples=args.max_samples, device=args.device)
+    cfg = stage_config(EvaluationConfig, "evaluation", args.params,
+                       **given(split=args.split, threshold=args.threshold, max_samples=args.max_samples,
+                               device=args.device))
     if args.open_set_tags:
         cfg = cfg.model_copy(update={"open_set_tags": _read_tag_file(args.open_set_tags)})
     root = args.data_root or (load_params(args.params).get("paths") or {}).get("data_root", "data")

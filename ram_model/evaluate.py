@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ def iter_shard_samples(shards: Sequence[str | os.PathLike], counts: Counter) -> 
 
 class EvaluationConfig(BaseModel):
     """``evaluation`` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     split: str = "test"
     batch_size: int = 64

@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
 
 class FeatureCacheConfig(BaseModel):
     """How images become cached backbone tokens."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     image_size: int = Field(320, ge=32, description="square side: the whole photo is squashed to it")
     flip: bool = Field(True, description="also cache the mirror image (a second view)")
@@ -40,6 +42,8 @@ class FeatureCacheConfig(BaseModel):
 
 class HeadTrainConfig(BaseModel):
     """Training of the decoder on cached tokens (the backbone never runs)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -20,13 +20,15 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
 
 class OnnxExportConfig(BaseModel):
     """Options of one export."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     checkpoint: Path = Field(description="ramflow checkpoint (folder or file) to export")
     out: Path = Field(description="output .onnx path")

@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     p.add_argument("stage", choices=TRAIN_STAGES)
     p.add_argument("--params", help="params.yaml (default: $RAMFLOW_PARAMS or ./params.yaml)")
     p.add_argument("--data-root", help="overrides paths.data_root")
-    p.add_argument("--engine", choices=("torch", "deepspeed"))
+    p.add_argument("--engine", choices=("torch", "deepspeed"),
+                   help="training backend (default: the stage's engine in params; this flag overrides it)")
     p.add_argument("--nproc", type=int, default=1, help="worker processes (>1: torchrun launcher)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--labels", nargs="+", help="label parquet files (default: the stage's usual input)")

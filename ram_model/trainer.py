@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ram_model.data import TrainLoader, is_validation_key
@@ -60,6 +60,8 @@ class CleanMixConfig(BaseModel):
     the images no model of the pipeline trained on (``holdout`` = ``engine.adapt_holdout``).
     """
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
+
     split: str = "finetune"                       # raw/{split}/ shards and labels/{split}.parquet
     repeat: int = Field(8, ge=1)                  # listings of the split per epoch
     holdout: float = Field(0.5, ge=0.0, lt=1.0)   # fraction of its keys reserved (never trained on)
@@ -71,23 +73,29 @@ class CleanMixConfig(BaseModel):
 
 class TrainStageConfig(BaseModel):
     """One training stage (``preliminary_model:`` / ``retrained_model:`` / ``refined_model:`` /
-    ``finetuned_model:``)."""
+    ``finetuned_model:``).
 
-    model: str = "ram_tiny"                       # registry name, or "pkg.module:factory"
+    The defaults are params.yaml's ``preliminary_model:`` recipe (tests/test_params_source.py
+    fails when they drift apart); what a stage sets differently is listed and explained there.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
+
+    model: str = "ram_effnet_lite0"               # registry name, or "pkg.module:factory"
     model_overrides: dict[str, Any] = {}          # passed to create_model(name, **overrides)
     loss_weights: dict[str, float] = {}           # passthrough: create_model(..., loss_weights=...)
-    caption: bool = True                          # caption branch on/off (no caption tokens when off)
+    caption: bool = False                         # caption branch on/off (no caption tokens when off)
     caption_max_len: int | None = None            # None: the model config's max_caption_len (else 40)
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = Field(2, ge=0, le=2)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16 only takes effect on CUDA
     splits: list[str] = ["pretrain"]              # raw/{split}/ shards to train on
     clean_mix: CleanMixConfig | None = None       # a completely labelled split mixed in (None: off)
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)                  # the later stages continue from the model before them
     max_steps: int | None = None                  # cap on optimizer steps (None: epochs decide)
     batch_size: int = Field(32, ge=1)             # global samples per optimizer step
-    micro_batch_size: int = Field(16, ge=1)       # samples per process per forward
-    lr: float = 1e-3
+    micro_batch_size: int = Field(32, ge=1)       # samples per process per forward
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05
@@ -98,7 +106,7 @@ class TrainStageConfig(BaseModel):
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = 256
     seed: int = 0
-    random_crop: bool = True
+    random_crop: bool = False                     # the embedded corpus' objects fill 25-45% of the side
     crop_scale: tuple[float, float] = (0.6, 1.0)
     hflip: float = 0.5
     log_every: int = 10

@@ -94,7 +94,7 @@ def test_generation_end_to_end_with_fixed_logits(tmp_path):
     key_a, key_b = (int(round(float(v))) for v in (torch.stack([xa, xb])[:, 0].mean(dim=(1, 2)) * 100))
     assert key_a != key_b
     model = StandInModel(fixed_logits={key_a: [0.0, -5.0, 6.0, -5.0], key_b: [-5.0, -5.0, 0.3, -5.0]})
-    cfg = EngineConfig(cleaning=False, captioning=False, margin=0.2, batch_size=2, report_tags=0)
+    cfg = EngineConfig(adapt_epochs=0, cleaning=False, captioning=False, margin=0.2, batch_size=2, report_tags=0)
     res = engine_core(model, [Sample("a", img_a), Sample("b", img_b)], {"a": [0], "b": []}, NAMES, cfg,
                       tmp_path / "engine.parquet", tmp_path / "report")
     df = pd.read_parquet(tmp_path / "engine.parquet").set_index("key")
@@ -137,7 +137,8 @@ def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_pa
              Sample("c_grey", synthetic_image([])), Sample("c_stray", synthetic_image([]))]
     calib_labels = {"c_red": [0], "c_blue": [], "c_grey": [2]}          # c_stray has no label row
     image = synthetic_image([(0, box), (2, (60, 60, 90, 90)), (1, (60, 5, 90, 35))])
-    cfg = EngineConfig(cleaning=False, captioning=False, batch_size=2, report_tags=0, calibration_min_positives=1,
+    cfg = EngineConfig(adapt_epochs=0,
+                       cleaning=False, captioning=False, batch_size=2, report_tags=0, calibration_min_positives=1,
                        generation_pooled=False)
     out = {}
     for name, calibration in (("calibrated", Calibration(calib, calib_labels)), ("margin", None)):
@@ -172,7 +173,8 @@ def test_image_score_cleaning_removes_a_named_tag_the_image_lacks(tmp_path):
     parsed = {"grey": [0], "red": [0]}
     removed = {}
     for use in (True, False):
-        cfg = EngineConfig(generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
+        cfg = EngineConfig(adapt_epochs=0,
+                           generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
                            calibration_min_positives=2, use_image_score=use)
         res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / f"{use}.parquet",
                           tmp_path / f"r{use}", calibration=Calibration(calib, {s.key: [0] for s in calib}))
@@ -192,7 +194,8 @@ def test_image_score_never_removes_a_tag_the_model_predicts(tmp_path, cap, remov
 
     calib = [Sample(f"c{i}", synthetic_image([(0, (8, 8, 56, 56))], jitter=i)) for i in range(4)]
     samples = [Sample("grey", synthetic_image([])), Sample("small", synthetic_image([(0, (30, 30, 50, 50))]))]
-    cfg = EngineConfig(generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
+    cfg = EngineConfig(adapt_epochs=0,
+                       generation=False, captioning=False, batch_size=2, report_tags=0, keep_quantile=0.25,
                        calibration_min_positives=2, keep_above_threshold=cap)
     res = engine_core(StandInModel(), samples, {"grey": [0], "small": [0]}, NAMES, cfg, tmp_path / "out.parquet",
                       tmp_path / "report", calibration=Calibration(calib, {s.key: [0] for s in calib}))
@@ -347,7 +350,7 @@ def _corpus(n: int, rng):
 def test_engine_core_adds_missing_removes_hallucinated_and_reports(tmp_path):
     samples, parsed, truth = _corpus(80, np.random.default_rng(3))
     images = {s.key: s.image for s in samples}
-    cfg = EngineConfig(batch_size=16, min_count=10, n_clusters=2, captioning=False, report_tags=2,
+    cfg = EngineConfig(adapt_epochs=0, batch_size=16, min_count=10, n_clusters=2, captioning=False, report_tags=2,
                        report_crops=3, use_rescore=True)   # the region rules only: no calibration split here
     res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / "engine" / "pretrain.parquet",
                       tmp_path / "report", truth=truth, image_loader=lambda keys: {k: images[k] for k in keys})
@@ -374,7 +377,7 @@ def test_engine_core_adds_missing_removes_hallucinated_and_reports(tmp_path):
 def test_engine_core_skips_unlabelled_samples_and_switches(tmp_path):
     samples, parsed, _ = _corpus(12, np.random.default_rng(4))
     del parsed[samples[0].key]
-    cfg = EngineConfig(generation=False, cleaning=False, captioning=False, batch_size=5)
+    cfg = EngineConfig(adapt_epochs=0, generation=False, cleaning=False, captioning=False, batch_size=5)
     res = engine_core(StandInModel(), samples, parsed, NAMES, cfg, tmp_path / "e.parquet", tmp_path / "r")
     assert res.images == 11 and res.skipped == {"not_in_labels": 1}
     assert res.added == 0 and res.removed == 0 and res.pairs == 0
@@ -388,7 +391,8 @@ def test_without_a_region_rule_the_pass_computes_no_regions(tmp_path):
     pairs = {}
     for outliers in (True, False):
         model = StandInModel()
-        cfg = EngineConfig(captioning=False, batch_size=6, min_count=2, report_tags=0, use_outliers=outliers)
+        cfg = EngineConfig(adapt_epochs=0,
+                           captioning=False, batch_size=6, min_count=2, report_tags=0, use_outliers=outliers)
         res = engine_core(model, samples, parsed, NAMES, cfg, tmp_path / f"{outliers}.parquet",
                           tmp_path / f"r{outliers}")
         pairs[outliers] = (res.pairs, res.removed_by.get("region"), model.calls)
@@ -441,7 +445,7 @@ def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
     _write_label_system(root)
     monkeypatch.setattr(engine, "load_engine_model", lambda path, device="cpu": StandInModel())
 
-    cfg = EngineConfig(batch_size=8, min_count=8, n_clusters=2, captioning=False, report_tags=2)
+    cfg = EngineConfig(adapt_epochs=0, batch_size=8, min_count=8, n_clusters=2, captioning=False, report_tags=2)
     out = formats.engine_labels_path(root, "pretrain")
     res = engine.run_engine(tmp_path / "ckpt", root, "pretrain", labels, formats.label_system_dir(root), out, cfg,
                             tmp_path / "report")
@@ -501,7 +505,8 @@ def test_variants_from_one_pass_match_separate_runs(tmp_path):
     from data_engine.engine import engine_variants
 
     samples, parsed, truth = _corpus(60, np.random.default_rng(6))
-    base = EngineConfig(batch_size=16, min_count=8, n_clusters=2, report_tags=0, use_rescore=True, captioning=True)
+    base = EngineConfig(adapt_epochs=0,
+                        batch_size=16, min_count=8, n_clusters=2, report_tags=0, use_rescore=True, captioning=True)
     variants = {
         "full": base,
         "generation_only": base.model_copy(update={"cleaning": False}),
@@ -602,7 +607,7 @@ def test_tta_flip_changes_nothing_for_mirror_symmetric_evidence(tmp_path):
     out = {}
     for flip in (False, True):
         model = StandInModel()
-        cfg = EngineConfig(cleaning=False, captioning=False, batch_size=2, report_tags=0, tta_flip=flip,
+        cfg = EngineConfig(adapt_epochs=0, cleaning=False, captioning=False, batch_size=2, report_tags=0, tta_flip=flip,
                            calibration_min_positives=2)
         res = engine_core(model, samples, {"a": [], "b": []}, NAMES, cfg, tmp_path / f"{flip}.parquet",
                           tmp_path / f"r{flip}", calibration=Calibration(calib, {s.key: [0] for s in calib}))

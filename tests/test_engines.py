@@ -29,8 +29,8 @@ def root(tmp_path_factory):
 
 
 def _cfg(**kw) -> TrainStageConfig:
-    base = dict(batch_size=8, micro_batch_size=4, lr=5e-2, warmup_steps=2, max_steps=6, checkpoint_every=3,
-                num_workers=2, shuffle_buffer=8, seed=1, validation_fraction=0.0, engine="torch")
+    base = dict(model="ram_tiny", batch_size=8, micro_batch_size=4, lr=5e-2, warmup_steps=2, max_steps=6,
+                checkpoint_every=3, num_workers=2, shuffle_buffer=8, seed=1, validation_fraction=0.0, engine="torch")
     base.update(kw)
     return TrainStageConfig(**base)
 

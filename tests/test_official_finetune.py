@@ -69,7 +69,7 @@ def test_engine_tags_with_an_imported_model(corpus, imported, tmp_path):
 
     root, names = corpus
     # captioning on: the imported caption branch writes captions that the parser reads
-    cfg = engine.EngineConfig(batch_size=8, min_count=2, n_clusters=2, captioning=True, report_tags=2)
+    cfg = engine.EngineConfig(adapt_epochs=0, batch_size=8, min_count=2, n_clusters=2, captioning=True, report_tags=2)
     out = tmp_path / "engine.parquet"
     result = engine.run_engine(imported, root, "pretrain", formats.labels_path(root, "pretrain"),
                                formats.label_system_dir(root), out, cfg, tmp_path / "report")

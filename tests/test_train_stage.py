@@ -24,7 +24,8 @@ def root(tmp_path_factory):
 
 def _cfg(**kw) -> TrainStageConfig:
     base = dict(model="_train_helpers:tiny_tagger", batch_size=8, micro_batch_size=4, max_steps=5,
-                checkpoint_every=5, warmup_steps=1, lr=1e-2, num_workers=1, validation_fraction=0.0, seed=0)
+                checkpoint_every=5, warmup_steps=1, lr=1e-2, num_workers=1, validation_fraction=0.0, seed=0,
+                caption=True)
     base.update(kw)
     return TrainStageConfig(**base)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_HELD_OUT: tuple[str, ...] = ("cat", "truck", "butterfly", "windmill")
+DEFAULT_HELD_OUT: tuple[str, ...] = ("butterfly", "cat", "truck", "windmill")
 """Object classes that only ever appear in ``test`` images (open-set evaluation)."""
 
 
@@ -14,6 +14,8 @@ class CorpusConfig(BaseModel):
     Item ``i`` of a split is generated from a seed derived from ``(seed, split, i)`` only,
     so any slice of any split can be produced independently, in any order, with flat memory.
     """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     seed: int = 0
     image_size: int = Field(96, ge=32, le=1024)

@@ -58,7 +58,7 @@ class EngineConfig(BaseModel):
     margin: float = Field(0.1, description="add a tag when prob >= class threshold + margin (the rule for "
                           "classes that generation_precision cannot calibrate)")
     generation_precision: float | None = Field(
-        0.97, gt=0, le=1, description="per-class generation thresholds set for this precision on the "
+        0.95, gt=0, le=1, description="per-class generation thresholds set for this precision on the "
         "calibration split (None: threshold + margin for every class)")
     generation_pooled: bool = Field(
         True, description="one generation threshold for every calibrated class, set on their pooled calibration "
@@ -71,7 +71,7 @@ class EngineConfig(BaseModel):
         "probabilities on calibration positives (None: no flags)")
     keep_above_threshold: bool = Field(True, description="never flag a label the model scores at or above its "
                                        "class threshold (the keep threshold is capped there)")
-    adapt_epochs: int = Field(0, ge=0, description="first fine-tune the preliminary model this many epochs on "
+    adapt_epochs: int = Field(5, ge=0, description="first fine-tune the preliminary model this many epochs on "
                               "the part of the calibration split not held out (0: use it as is)")
     adapt_lr: float = Field(5e-4, gt=0)
     adapt_holdout: float = Field(0.5, gt=0, lt=1, description="fraction of the calibration split kept out of "
@@ -88,7 +88,8 @@ class EngineConfig(BaseModel):
     outlier_z: float = Field(2.0, ge=0, description="candidates also beyond median + z * MAD (0: all candidates)")
     rescore_scale: float = Field(0.5, ge=0, description="remove when crop prob < this * class threshold")
     min_cluster_fraction: float = Field(0.05, ge=0, le=1, description="smaller k-means clusters are outliers")
-    use_outliers: bool = True
+    use_outliers: bool = Field(False, description="region rule: remove k-means outlier crops (80-91% of "
+                               "those removed were right labels here; on, every crop is embedded)")
     use_rescore: bool = Field(False, description="region rule: remove when the crop's prob < rescore_scale * "
                               "class threshold (on the embedded corpus 80% of its removals were right labels)")
     use_image_score: bool = Field(True, description="cleaning also removes labels flagged by keep_quantile")

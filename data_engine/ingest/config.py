@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SOURCES: tuple[str, ...] = ("embedded", "img2dataset", "coco", "table")
 
@@ -29,6 +29,8 @@ SKIP_REASONS: dict[str, str] = {
 
 class IngestConfig(BaseModel):
     """How raw image-text pairs become canonical shards. Defaults are the real defaults."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     shard_size: int = Field(1000, ge=1, description="samples written per shard")
     max_side: int = Field(512, ge=16, description="longest image side after resizing (aspect kept)")
