@@ -161,8 +161,11 @@ def _crop_box(rng: random.Random, w: int, h: int, scale: tuple[float, float]) ->
     return 0, 0, w, h
 
 
-def image_to_tensor(jpeg: bytes, aug: AugmentConfig, rng: random.Random | None) -> torch.Tensor:
-    """JPEG bytes -> normalized FloatTensor[3,S,S]; ``rng=None`` means eval (plain resize)."""
+def image_to_uint8(jpeg: bytes, aug: AugmentConfig, rng: random.Random | None) -> np.ndarray:
+    """JPEG bytes -> uint8 ``[S, S, 3]`` after the crop / resize / flip; ``rng=None``: eval (plain resize).
+
+    Normalisation is left to :func:`normalize_batch`, once per batch: per image it cost more than
+    the JPEG decode itself (0.9 against 0.4 ms for a 96 px image on this machine)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(jpeg)) as im:
@@ -173,11 +176,20 @@ def image_to_tensor(jpeg: bytes, aug: AugmentConfig, rng: random.Random | None) 
         im = im.resize((aug.image_size, aug.image_size), Image.BICUBIC, box=box)  # as inference.preprocess
         if rng is not None and rng.random() < aug.hflip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(im, dtype=np.float32) / 255.0  # [S,S,3]
-    x = torch.from_numpy(arr).permute(2, 0, 1)  # [3,S,S]
-    mean = torch.tensor(aug.mean).view(3, 1, 1)
-    std = torch.tensor(aug.std).view(3, 1, 1)
+        return np.asarray(im, dtype=np.uint8)  # [S,S,3]
+
+
+def normalize_batch(images: Sequence[np.ndarray], aug: AugmentConfig) -> torch.Tensor:
+    """uint8 images ``[S, S, 3]`` -> normalised FloatTensor ``[B, 3, S, S]`` ((x / 255 - mean) / std)."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # [B,3,S,S]
+    mean = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def image_to_tensor(jpeg: bytes, aug: AugmentConfig, rng: random.Random | None) -> torch.Tensor:
+    """JPEG bytes -> normalized FloatTensor[3,S,S]; ``rng=None`` means eval (plain resize)."""
+    return normalize_batch([image_to_uint8(jpeg, aug, rng)], aug)[0]
 
 
 def multi_hot(id_lists: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
@@ -267,7 +279,7 @@ class ShardStream(IterableDataset):
             key = g["__key__"]
             rng = random.Random(f"{self.s.seed}-{self.plan.epoch}-{key}")
             try:
-                images.append(image_to_tensor(g["jpg"], self.s.aug, rng))
+                images.append(image_to_uint8(g["jpg"], self.s.aug, rng))
             except Exception as err:  # a corrupt JPEG must not kill the epoch
                 log.warning("skipping sample %s: undecodable image (%s)", key, err)
                 continue
@@ -277,7 +289,7 @@ class ShardStream(IterableDataset):
             parsed.append(self.s.labels.parsed[key])
         c = self.s.labels.num_classes
         return {
-            "image": torch.stack(images),                 # [B,3,S,S]
+            "image": normalize_batch(images, self.s.aug),  # [B,3,S,S]
             "tag_targets": multi_hot(tags, c),            # [B,C]
             "parse_targets": multi_hot(parsed, c),        # [B,C]
             "complete_labels": torch.tensor([k in self.s.complete for k in keys], dtype=torch.bool),  # [B]
@@ -434,14 +446,14 @@ def iter_eval_batches(
         if "jpg" not in g or (keys is not None and g["__key__"] not in keys):
             continue
         try:
-            images.append(image_to_tensor(g["jpg"], aug, None))
+            images.append(image_to_uint8(g["jpg"], aug, None))
         except Exception as err:
             log.warning("skipping sample %s: undecodable image (%s)", g["__key__"], err)
             continue
         names.append(g["__key__"])
         caps.append(g.get("txt", b"").decode("utf-8").strip())
         if len(images) == batch_size:
-            yield {"image": torch.stack(images), "keys": names, "captions": caps}
+            yield {"image": normalize_batch(images, aug), "keys": names, "captions": caps}
             images, names, caps = [], [], []
     if images:
-        yield {"image": torch.stack(images), "keys": names, "captions": caps}
+        yield {"image": normalize_batch(images, aug), "keys": names, "captions": caps}
