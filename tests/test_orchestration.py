@@ -1,9 +1,9 @@
 """Dagster definitions, blocking checks and a full tiny materialization.
 
-The full run (module fixture) materializes every asset of the TINY profile in one in-process
-Dagster run into tmp_path, then the tests read what it left: materializations and metadata,
-asset checks, MLflow parent/child runs, the registered champion (served in process), and the
-promotion gate on a second registration.
+The full run is the session's ``tiny_pipeline`` (tests/conftest.py): every asset of the TINY
+profile in one in-process Dagster run. The tests read what it left: materializations and
+metadata, asset checks, MLflow parent/child runs, the registered champion (served in process),
+and, on a private copy of it, the promotion gate on a second registration.
 """
 
 from __future__ import annotations
@@ -158,14 +158,10 @@ def test_blocking_check_stops_the_line_in_dagster(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from orchestration.stage_cli import run_pipeline
-
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    params = _tiny_params(tmp)
-    instance = dg.DagsterInstance.ephemeral()
-    result, parent, env = run_pipeline(params, instance=instance, raise_on_error=False)
-    return result, parent, env, instance, params
+def tiny_run(tiny_pipeline):
+    """``(result, parent run id, env, instance, params)`` of the session's tiny pipeline run."""
+    p = tiny_pipeline
+    return p.result, p.parent, p.env, p.instance, p.params
 
 
 def test_tiny_pipeline_materializes_every_asset(tiny_run):
@@ -217,7 +213,8 @@ def test_training_runs_nest_under_one_pipeline_run(tiny_run):
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     stages = sorted(r.data.tags.get("ramflow.stage") for r in children)
-    assert stages == sorted(MODEL_ASSETS)
+    # the four models, and the model each engine round adapts first (shipped engine: adapt_epochs > 0)
+    assert stages == sorted(MODEL_ASSETS + ("engine_model",) * 2)
     assert client.get_run(parent).info.status == "FINISHED"
 
 
@@ -264,16 +261,18 @@ def test_rematerializing_unchanged_stages_reuses_their_runs_and_version(tiny_run
     assert str(client.get_model_version_by_alias("ram-tagger", "champion").version) == "1"
 
 
-def test_worse_challenger_is_not_promoted(tiny_run):
+def test_worse_challenger_is_not_promoted(tiny_pipeline, tmp_path):
     """Raise the champion's recorded mAP above anything reachable; re-registering the same
     model (forced: it is already registered) makes it challenger only, and the blocking check
-    fails the run."""
+    fails the run. On a private copy of the session's run (it changes the registry)."""
     import mlflow
 
+    from _pipeline import copy_pipeline, stage_env
     from orchestration.definitions import build_definitions
     from orchestration.resources import RamflowStorage
 
-    _, _, env, instance, params = tiny_run
+    repo = copy_pipeline(tiny_pipeline, tmp_path)
+    env, params, instance = stage_env(repo), repo / "params.yaml", dg.DagsterInstance.ephemeral()
     client = mlflow.MlflowClient(env.tracking_uri(), env.tracking_uri())
     client.set_model_version_tag("ram-tagger", "1", "mAP", "2.0")
     defs = build_definitions(params, resources={
