@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -390,9 +391,10 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def _send_json(send, status: int, body: bytes) -> None:
+async def _send_json(send, status: int, body: bytes, extra_headers: list | None = None) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})
+                "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
+                            *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -425,13 +427,15 @@ def limit_app(app, max_body_bytes: int, fast: Callable[[bytes], bytes | None] | 
                 for message in _json_answer(*too_large):
                     await send(message)
                 return
+            started = time.perf_counter()
             try:
                 answer = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fast, body),
                                                 timeout_s)
             except (asyncio.TimeoutError, TimeoutError):
                 return await _send_json(send, 504, _TIMEOUT_BODY)
-            if answer is not None:
-                return await _send_json(send, 200, answer)
+            if answer is not None:  # Server-Timing: the tagging time as the server saw it, in ms
+                timing = f"tag;dur={(time.perf_counter() - started) * 1000:.3f}".encode()
+                return await _send_json(send, 200, answer, [(b"server-timing", timing)])
             receive = _replay(body, receive)
         state = {"read": 0, "over": False, "started": None, "parts": []}
 

@@ -291,6 +291,10 @@ def test_fast_route_answers_exactly_like_mlflow(fast_and_plain, corpus_images, n
     assert answered == [by_fast_route]
     assert got.status_code == want.status_code, (got.text[:300], want.text[:300])
     assert got.headers["content-type"] == want.headers["content-type"]
+    timing = got.headers.get("server-timing")  # the fast route reports its own time: "tag;dur=<ms>"
+    assert (timing is not None) == by_fast_route
+    if timing is not None:
+        assert timing.startswith("tag;dur=") and float(timing.split("dur=")[1]) > 0
     if want.status_code == 200:
         assert got.content == want.content
     else:
