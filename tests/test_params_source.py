@@ -219,8 +219,8 @@ def test_training_backend_is_params_and_a_conflict_fails(params_backend, mode, e
                                                       ("torch", "deepspeed")])
 def test_a_training_stage_runs_the_backend_params_set(tmp_path, monkeypatch, params_backend, mode):
     """The stage layer launches what ``<stage>.engine`` says; the launcher no longer replaces it."""
-    from ram_model import train_stage as ts
     from orchestration import stages
+    from ram_model import train_stage as ts
 
     params = load_params(PARAMS)
     params["preliminary_model"]["engine"] = params_backend
@@ -256,3 +256,34 @@ def test_the_launcher_resource_leaves_the_backend_to_params():
     assert TrainingLauncher().settings().mode is None
     assert TrainingLauncher(mode="deepspeed").settings().mode == "deepspeed"
     assert StageEnv.from_params(PARAMS).launcher.mode is None
+
+
+@pytest.mark.parametrize(("params_backend", "flags", "expected"), [
+    ("deepspeed", [], "deepspeed"), ("torch", [], "torch"), ("deepspeed", ["--engine", "torch"], "torch"),
+])
+def test_ramflow_train_takes_the_backend_from_params_unless_told(tmp_path, monkeypatch, params_backend, flags,
+                                                                 expected):
+    """``ramflow train``: the section's engine, an explicit ``--engine`` over it; ``--set k=null`` sets None."""
+    from orchestration.cli import build_parser
+    from ram_model import train_stage as ts
+
+    params = load_params(PARAMS)
+    params["retrained_model"]["engine"] = params_backend
+    params["retrained_model"]["init_from"] = "models/preliminary_model"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(ts, "train_stage", record)
+    monkeypatch.setattr(ts, "launch_train_stage", record)
+    args = build_parser().parse_args(["train", "retrained_model", "--params", str(_write(tmp_path, params)),
+                                      "--data-root", str(tmp_path / "data"), *flags, "--set", "init_from=null"])
+    with pytest.raises(Stop):
+        args.func(args)
+    (cfg,) = seen
+    assert cfg.engine == expected and cfg.init_from is None
