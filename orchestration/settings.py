@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from data_engine.params import stage_config
+from data_engine.params import default_params_path, load_params, params_section, stage_config, validate_section
 
 
 class PathsConfig(BaseModel):
@@ -39,6 +39,44 @@ class RegistryConfig(BaseModel):
     force: bool = Field(
         False, description="register a new version even when this model and evaluation already have one"
     )
+
+
+def params_configs() -> dict[str, type[BaseModel]]:
+    """params.yaml section -> the pydantic config that validates it.
+
+    The stage packages are imported here rather than at module level for their cost (torch,
+    spaCy: ~10 s), which the Dagster code location and the data stages do not pay.
+    """
+    from data_engine.coco_source import CocoSourceConfig
+    from data_engine.corpus.config import CorpusConfig
+    from data_engine.engine import EngineConfig
+    from data_engine.ingest.config import IngestConfig
+    from data_engine.label_system import LabelSystemConfig
+    from data_engine.parsing import ParseConfig
+    from ram_model.evaluate import EvaluationConfig
+    from ram_model.trainer import TrainStageConfig
+
+    from .checks import ChecksConfig
+
+    return {
+        "paths": PathsConfig, "source": CocoSourceConfig, "corpus": CorpusConfig, "ingest": IngestConfig,
+        "parse": ParseConfig, "label_system": LabelSystemConfig,
+        "preliminary_model": TrainStageConfig, "engine": EngineConfig, "retrained_model": TrainStageConfig,
+        "engine_refined": EngineConfig, "refined_model": TrainStageConfig, "finetuned_model": TrainStageConfig,
+        "evaluation": EvaluationConfig, "registry": RegistryConfig, "checks": ChecksConfig,
+    }
+
+
+def validate_params(params_path: str | os.PathLike | None = None) -> dict[str, BaseModel]:
+    """Every section of the params file validated by its config (``engine_refined`` alone: the
+    keys it sets over ``engine``), so a misspelt key, a bad value or a section no stage reads
+    fails before the first stage runs, not when its own stage starts hours later."""
+    path = Path(params_path) if params_path is not None else default_params_path()
+    params, configs = load_params(path), params_configs()
+    unknown = sorted(set(params) - set(configs))
+    if unknown:
+        raise ValueError(f"{path}: sections no stage reads: {unknown} (known: {', '.join(configs)})")
+    return {s: validate_section(configs[s], s, params_section(params, s, path), path) for s in params}
 
 
 def paths_config(params_path: str | os.PathLike | None = None) -> PathsConfig:
@@ -101,8 +139,6 @@ class StageEnv:
     def from_params(cls, params_path: str | os.PathLike | None = None, data_root: str | None = None,
                     mlflow: MlflowSettings | None = None,
                     launcher: LauncherSettings | None = None) -> StageEnv:
-        from data_engine.params import default_params_path
-
         params = Path(params_path) if params_path is not None else default_params_path()
         root = Path(data_root or paths_config(params).data_root).resolve()
         return cls(root, params, mlflow or MlflowSettings(), launcher or LauncherSettings())

@@ -95,10 +95,11 @@ def run_pipeline(params: str | os.PathLike | None = None, data_root: str | None 
     from .model_registry import end_pipeline_run, start_pipeline_run
     from .partitions import shard_keys
     from .resources import MlflowResource, RamflowStorage, TrainingLauncher
-    from .settings import LauncherSettings, MlflowSettings, StageEnv
+    from .settings import LauncherSettings, MlflowSettings, StageEnv, validate_params
 
     env = StageEnv.from_params(params, data_root, MlflowSettings(tracking_uri=tracking_uri),
                                LauncherSettings(mode=launcher, nproc=nproc))
+    validate_params(env.params_path)  # a misspelt key in any section fails now, not when its stage starts
     env.data_root.mkdir(parents=True, exist_ok=True)
     parent = start_pipeline_run(env, name="ramflow run")
     resources = {

@@ -17,31 +17,17 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from data_engine.coco_source import CocoSourceConfig
 from data_engine.corpus.config import CorpusConfig
 from data_engine.engine import EngineConfig
-from data_engine.ingest.config import IngestConfig
-from data_engine.label_system import LabelSystemConfig
 from data_engine.params import ParamsFileNotFoundError, load_params, stage_config
-from data_engine.parsing import ParseConfig
-from orchestration.checks import ChecksConfig
-from orchestration.settings import (BackendConflictError, LauncherSettings, PathsConfig, RegistryConfig, StageEnv,
-                                    training_backend)
-from ram_model.evaluate import EvaluationConfig
+from orchestration.settings import (BackendConflictError, LauncherSettings, StageEnv, params_configs,
+                                    training_backend, validate_params)
 from ram_model.trainer import TrainStageConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 PROFILES = sorted((REPO / "orchestration" / "profiles").glob("*.yaml"))
-TRAIN_SECTIONS = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
-
-# params.yaml section -> the config that validates it
-SECTION_CONFIGS: dict[str, type[BaseModel]] = {
-    "paths": PathsConfig, "source": CocoSourceConfig, "corpus": CorpusConfig, "ingest": IngestConfig,
-    "parse": ParseConfig, "label_system": LabelSystemConfig, "engine": EngineConfig, "engine_refined": EngineConfig,
-    **{s: TrainStageConfig for s in TRAIN_SECTIONS},
-    "evaluation": EvaluationConfig, "registry": RegistryConfig, "checks": ChecksConfig,
-}
+SECTION_CONFIGS: dict[str, type[BaseModel]] = params_configs()  # params.yaml section -> its config
 
 # Values of params.yaml allowed to differ from the config default. (section or "*", key or "*") -> reason.
 ALLOWED: dict[tuple[str, str], str] = {
@@ -114,11 +100,28 @@ def test_the_allow_list_holds_only_real_differences():
 
 @pytest.mark.parametrize("params_file", [PARAMS, *PROFILES], ids=lambda p: p.name)
 def test_every_section_validates_under_the_strict_configs(params_file):
-    params = load_params(params_file)
-    unknown = set(params) - set(SECTION_CONFIGS)
-    assert not unknown, f"{params_file.name}: sections without a config: {unknown}"
-    for section in params:
-        stage_config(SECTION_CONFIGS[section], section, params_file)
+    configs = validate_params(params_file)
+    assert set(configs) == set(load_params(params_file))
+    for section, cfg in configs.items():
+        assert cfg == stage_config(SECTION_CONFIGS[section], section, params_file)
+
+
+def test_a_section_no_stage_reads_fails(tmp_path):
+    params = {**load_params(PARAMS), "finetune_model": {"epochs": 3}}
+    with pytest.raises(ValueError, match=r"sections no stage reads: \['finetune_model'\]"):
+        validate_params(_write(tmp_path, params))
+
+
+def test_ramflow_run_fails_on_a_misspelt_key_before_any_stage_runs(tmp_path):
+    """A typo in the last stage's section stops ``ramflow run`` at once, not after the stages before it."""
+    from orchestration.stage_cli import run_pipeline
+
+    params = load_params(PARAMS)
+    params["finetuned_model"]["epoch"] = 3
+    root = tmp_path / "data"
+    with pytest.raises(ValidationError, match=r"finetuned_model\.epoch"):
+        run_pipeline(_write(tmp_path, params), data_root=str(root))
+    assert not root.exists()
 
 
 @pytest.mark.parametrize(("section", "key", "value"), [
