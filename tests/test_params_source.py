@@ -191,9 +191,13 @@ def test_a_missing_params_file_is_an_error(tmp_path, monkeypatch):
 
 
 def test_library_use_needs_no_params_file(tmp_path, monkeypatch):
+    """Configs built in code take their defaults; only reading params needs the file."""
     monkeypatch.chdir(tmp_path)  # no params.yaml here
-    assert TrainStageConfig(epochs=2).epochs == 2 and EngineConfig().adapt_epochs == load_params(PARAMS)[
-        "engine"]["adapt_epochs"]
+    monkeypatch.delenv("RAMFLOW_PARAMS", raising=False)
+    assert TrainStageConfig(epochs=2).epochs == 2 and EngineConfig().batch_size == 32
+    assert CorpusConfig(n_test=5).n_test == 5
+    with pytest.raises(ParamsFileNotFoundError, match="params.yaml"):
+        stage_config(CorpusConfig, "corpus")
 
 
 def test_a_section_that_is_not_a_mapping_fails(tmp_path):
