@@ -1,22 +1,26 @@
 """DVC reruns exactly the stages downstream of a changed param.
 
-The repo's dvc.yaml, .dvc/config and code are copied into a fresh git repo in tmp_path with
-the tiny params. Fast test: stage commands replaced by a script whose outputs hash the stage's
-params and input files (so the real dvc.yaml graph decides what reruns). Slow test: a real
-tiny ``dvc repro`` of all stages, then a param change.
+Fast(er) test: the repo's dvc.yaml, .dvc/config and code in a fresh git repo with the tiny
+params, stage commands replaced by a script whose outputs hash the stage's params and input
+files (so the real dvc.yaml graph decides what reruns). End-to-end test: on a private copy of
+the session's tiny pipeline run (tests/conftest.py ``tiny_pipeline``, made by Dagster in the same
+repo layout), ``dvc repro`` runs the real stage commands: the stages up to the preliminary model
+reproduce the Dagster run's data byte for byte, and a param change reruns only downstream.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _pipeline import copy_pipeline, make_dvc_repo
 
 from orchestration.pipeline import STAGES, downstream
 
@@ -41,23 +45,8 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 120) -> str:
 
 
 def make_copy(tmp_path: Path) -> Path:
-    """dvc.yaml + .dvc/config + code + tiny params in a new git repo."""
-    dst = tmp_path / "repo"
-    dst.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "pyproject.toml"):
-        shutil.copy2(REPO / name, dst / name)
-    (dst / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", dst / ".dvc" / "config")
-    shutil.copy2(REPO / ".dvc" / ".gitignore", dst / ".dvc" / ".gitignore")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for pkg in ("data_engine", "ram_model", "orchestration"):
-        shutil.copytree(REPO / pkg, dst / pkg, ignore=ignore)
-    params = yaml.safe_load(TINY.read_text())
-    params["paths"]["data_root"] = "data"
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dst / ".gitignore").write_text("/data/mlflow\n/data/.locks\n/dvc_remote/\n")
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    return dst
+    """dvc.yaml + .dvc/config + code + tiny params in a new git repo (``tmp_path/repo``)."""
+    return make_dvc_repo(tmp_path / "repo")
 
 
 def dry_run_stages(repo: Path) -> list[str]:
@@ -129,19 +118,50 @@ def test_param_change_reruns_only_downstream(tmp_path, section, key, value):
     assert ran_stages(_run([str(BIN / "dvc"), "repro"], repo)) == set(changed).union(*map(downstream, changed))
 
 
+def _digests(root: Path, folders: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every file below ``root/folder`` (``raw/summary.json`` without its absolute ``root``)."""
+    out = {}
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                if path.relative_to(root).as_posix() == "raw/summary.json":
+                    data = json.dumps({k: v for k, v in json.loads(data).items() if k != "root"}, sort_keys=True).encode()
+                out[path.relative_to(root).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+UP_TO_MODEL = ("raw_pairs", "parsed_tags", "label_system", "preliminary_model")
+
+
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_then_only_downstream(tmp_path):
-    """A real tiny ``dvc repro`` (all 11 stages), then a param change reruns only downstream."""
-    repo = make_copy(tmp_path)
+def test_dvc_repro_reproduces_the_dagster_run_then_only_downstream(tiny_pipeline, tmp_path):
+    """On a copy of the session's Dagster run: ``dvc repro preliminary_model`` runs its four stages
+    through dvc.yaml's commands and writes the same data the Dagster run wrote; DVC then takes
+    the run's other outputs as they are (``dvc commit``: every declared out exists) and is up to
+    date; a param change reruns the changed stage and only stages downstream of it."""
+    repo = copy_pipeline(tiny_pipeline, tmp_path)
     # the rerun's model may score below the first one: let the gate promote it anyway
     # (the gate itself is tested in test_orchestration.py)
     set_param(repo, "registry", "tolerance", 1.0)
-    out = _run([str(BIN / "dvc"), "repro"], repo, timeout=1500)
-    for spec in STAGES:
-        assert f"Running stage '{spec.name}'" in out
-        assert (repo / "data" / "reports" / f"{spec.name}.json").exists()
-    assert dry_run_stages(repo) == []
+    data_folders = ("raw", "parsed", "label_system", "labels")
+    dagster_data = _digests(repo / "data", data_folders)
+    dagster_model = json.loads((repo / "data" / "models" / "preliminary_model" / "train_result.json").read_text())
+    assert dagster_data and dagster_model["mlflow_run_id"]
+
+    out = _run([str(BIN / "dvc"), "repro", "preliminary_model"], repo, timeout=1500)
+    assert ran_stages(out) == set(UP_TO_MODEL)
+    assert _digests(repo / "data", data_folders) == dagster_data, "DVC and Dagster write the same data"
+    dvc_model = json.loads((repo / "data" / "models" / "preliminary_model" / "train_result.json").read_text())
+    assert dvc_model["mlflow_run_id"] != dagster_model["mlflow_run_id"], "trained again by the DVC stage"
+    assert dvc_model["metrics"]["steps"] == dagster_model["metrics"]["steps"] >= 1
+
+    _run([str(BIN / "dvc"), "commit", "--force"], repo)
+    assert dry_run_stages(repo) == [], "everything is up to date after the commit"
     set_param(repo, "engine", "margin", 0.2)
     assert dry_run_stages(repo) == ["engine_cleaned_data", "engine_refined_data"]
     ran = ran_stages(_run([str(BIN / "dvc"), "repro"], repo, timeout=1500))
     assert "engine_cleaned_data" in ran and ran <= {"engine_cleaned_data"} | downstream("engine_cleaned_data")
+    for name in ran:
+        assert json.loads((repo / "data" / "reports" / f"{name}.json").read_text())["stage"] == name
+    assert dry_run_stages(repo) == []
