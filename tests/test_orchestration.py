@@ -75,6 +75,7 @@ def test_definitions_assets_checks_resources_partitions(tmp_path):
     assert defs.resolve_job_def("ramflow_pipeline") is not None
 
 
+@pytest.mark.slow  # a `dagster` CLI subprocess (imports dagster and every asset module again)
 def test_dagster_cli_validates_definitions(tmp_path):
     env = dict(os.environ, RAMFLOW_PARAMS=str(_tiny_params(tmp_path)),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
