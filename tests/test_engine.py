@@ -445,7 +445,8 @@ def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
     _write_label_system(root)
     monkeypatch.setattr(engine, "load_engine_model", lambda path, device="cpu": StandInModel())
 
-    cfg = EngineConfig(adapt_epochs=0, batch_size=8, min_count=8, n_clusters=2, captioning=False, report_tags=2)
+    cfg = EngineConfig(adapt_epochs=0, batch_size=8, min_count=8, n_clusters=2, captioning=False, report_tags=2,
+                       use_outliers=True)  # the region rule under test (off in the shipped params)
     out = formats.engine_labels_path(root, "pretrain")
     res = engine.run_engine(tmp_path / "ckpt", root, "pretrain", labels, formats.label_system_dir(root), out, cfg,
                             tmp_path / "report")
