@@ -113,7 +113,8 @@ class TrainStageConfig(BaseModel):
     resume: bool = True                           # continue from out_dir/checkpoints/latest
     force: bool = False                           # retrain (new MLflow run) even when the finished
                                                   # model's inputs and settings are unchanged
-    init_from: str | None = None                  # checkpoint / model dir used when the caller passes none
+    init_from: str | None = None                  # model dir / file used when the caller passes none
+                                                  # (a relative path is below the data root)
     validation_fraction: float = 0.05             # held-out keys for threshold calibration
     calibration_min_positives: int = Field(5, ge=1)  # fewer validation positives: keep the class's threshold
     # noisy captions miss tags: leave this fraction of each batch's negative labels with the largest
