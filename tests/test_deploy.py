@@ -553,3 +553,45 @@ def test_readmes_reference_files_that_exist():
         text = readme.read_text(encoding="utf-8")
         for ref in set(re.findall(r"deploy/[\w./-]+\.(?:yaml|sh|md|example)", text)):
             assert (REPO / ref).exists(), f"{readme.name} names missing {ref}"
+
+
+def test_deploy_params_train_with_deepspeed_and_agree_with_the_launcher(tmp_path, compose, helm_values):
+    """The image's params.deepspeed.yaml (written by the Dockerfile's own command from
+    params.yaml) validates, puts every training section on DeepSpeed and changes nothing else;
+    compose and Helm point RAMFLOW_PARAMS at it and ask the launcher for the same backend."""
+    from orchestration.settings import validate_params
+
+    run = next(line for line in (COMPOSE_DIR / "Dockerfile").read_text().splitlines()
+               if line.startswith("RUN ") and "params.deepspeed.yaml" in line)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    subprocess.run(["sh", "-c", run[len("RUN "):]], cwd=tmp_path, check=True)
+    configs = validate_params(tmp_path / "params.deepspeed.yaml")
+    shipped = validate_params(REPO / "params.yaml")
+    assert {s: configs[s].engine for s in TRAINING_STAGES} == dict.fromkeys(TRAINING_STAGES, "deepspeed")
+    for section, cfg in configs.items():
+        expected = shipped[section].model_dump()
+        if section in TRAINING_STAGES:
+            expected["engine"] = "deepspeed"
+        assert cfg.model_dump() == expected, section
+
+    env = compose["x-dagster-env"]
+    assert env["RAMFLOW_PARAMS"].endswith("/opt/ramflow/params.deepspeed.yaml}")
+    assert env["RAMFLOW_LAUNCHER"].endswith("deepspeed}")
+    pod_env = {e["name"]: e["value"] for e in _find_env_lists(helm_values) for e in e}
+    assert pod_env["RAMFLOW_PARAMS"] == "/opt/ramflow/params.deepspeed.yaml"
+    assert pod_env["RAMFLOW_LAUNCHER"] == "deepspeed"
+
+
+def _find_env_lists(node) -> list[list[dict]]:
+    """Every ``env:`` list of ``{name, value}`` items anywhere in a Helm values tree."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list) and all(isinstance(e, dict) and "name" in e for e in value):
+                found.append([e for e in value if "value" in e])
+            else:
+                found.extend(_find_env_lists(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_find_env_lists(item))
+    return found
