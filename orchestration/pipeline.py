@@ -105,11 +105,13 @@ def stage_seconds(events: Iterable[tuple[str, str, float]]) -> dict[str, float]:
 
 
 def format_stage_times(seconds: dict[str, float], wall: float) -> str:
-    """A fixed-width table of each stage's seconds and share of ``wall``, then the total line."""
+    """A fixed-width table of each stage's seconds and share of ``wall``, then their sum, the rest of
+    the wall time (asset-check steps, Dagster and MLflow set-up) and the wall time."""
     width = max((len(n) for n in seconds), default=5)
     lines = [f"{'stage':<{width}}  {'seconds':>8}  {'share':>6}"]
     for name, s in seconds.items():
         lines.append(f"{name:<{width}}  {s:8.1f}  {s / wall:6.1%}" if wall > 0 else f"{name:<{width}}  {s:8.1f}")
     lines.append(f"{'stages':<{width}}  {sum(seconds.values()):8.1f}")
+    lines.append(f"{'other':<{width}}  {wall - sum(seconds.values()):8.1f}  (quality checks, Dagster, MLflow set-up)")
     lines.append(f"{'wall time':<{width}}  {wall:8.1f}")
     return "\n".join(lines)
