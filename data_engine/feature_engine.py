@@ -10,7 +10,9 @@ against the parsed caption labels themselves. Among all (image, tag) pairs ranke
 out-of-fold score, the threshold is the lowest score at which the fraction of pairs the
 captions already name stays >= ``parsed_precision``. Captions name only part of what a photo
 shows, so this fraction under-states the true precision of the pairs above the threshold; the
-unnamed pairs above it are added. Nothing here reads true labels.
+unnamed pairs above it are added. With ``per_class`` each tag gets its own threshold from its own
+pairs (frequent tags such as "person" score high everywhere and would otherwise take most of a
+pooled threshold's additions). Nothing here reads true labels.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class FeatureEngineConfig(BaseModel):
     parsed_precision: float = Field(0.6, gt=0, le=1,
                                     description="fraction of pairs above the threshold the captions must name")
     min_score: float = Field(0.3, ge=0, le=1, description="never add a tag scored below this")
+    per_class: bool = Field(False, description="one threshold per tag (each tag's pairs ranked on their own) "
+                                               "instead of one over all pairs")
+    min_parsed: int = Field(3, ge=1, description="per_class: tags the captions name on fewer training images "
+                                                 "get no additions (too few pairs to calibrate)")
     generated_weight: float = Field(1.0, ge=0, le=1, description="loss weight of an added label when retraining")
     seed: int = 0
 
@@ -77,8 +83,18 @@ def generation_threshold(scores: np.ndarray, parsed: np.ndarray, parsed_precisio
 def generate_labels(scores: np.ndarray, parsed: np.ndarray, cfg: FeatureEngineConfig) -> tuple[np.ndarray, dict]:
     """Parsed labels plus the generated ones: ``[N, C]`` multi-hot and a summary."""
     parsed = (np.asarray(parsed) > 0.5).astype(np.float32)
-    thr = generation_threshold(scores, parsed, cfg.parsed_precision, cfg.min_score)
-    added = (scores >= thr) & (parsed < 0.5)
+    scores = np.asarray(scores)
+    if cfg.per_class:
+        # [C]: each tag's own threshold; a tag named on too few images gets none (inf)
+        thr_c = np.array([generation_threshold(scores[:, k], parsed[:, k], cfg.parsed_precision, cfg.min_score)
+                          if parsed[:, k].sum() >= cfg.min_parsed else float("inf")
+                          for k in range(parsed.shape[1])])
+        added = (scores >= thr_c[None, :]) & (parsed < 0.5)
+        finite = thr_c[np.isfinite(thr_c)]
+        thr = float(np.median(finite)) if len(finite) else float("inf")
+    else:
+        thr = generation_threshold(scores, parsed, cfg.parsed_precision, cfg.min_score)
+        added = (scores >= thr) & (parsed < 0.5)
     labels = np.maximum(parsed, added.astype(np.float32))
     summary = {"threshold": thr, "added": int(added.sum()), "parsed": int(parsed.sum()),
                "labels": int(labels.sum()), "images_with_additions": int(added.any(1).sum())}

@@ -50,6 +50,12 @@ class HeadTrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     token_dropout: float = Field(0.25, ge=0, lt=1, description="fraction of grid tokens dropped per sample")
+    mean_residual: bool = Field(False, description="add a linear readout of the standardised mean backbone "
+                                                   "feature through the shared tag queries (TokenTagger)")
+    gamma_neg: float | None = Field(None, ge=0, description="ASL negative focusing; None: the model config's")
+    asl_clip: float | None = Field(None, ge=0, lt=1, description="ASL negative clip; None: the model config's")
+    reject_negatives: float = Field(0.0, ge=0, lt=1, description="fraction of a batch's negatives with the "
+                                                                 "largest loss left out (missing labels)")
     seed: int = 0
 
 
@@ -111,8 +117,58 @@ def pooled_features(tokens: torch.Tensor) -> np.ndarray:
 
 def head_parameters(model) -> list[torch.nn.Parameter]:
     """Trainable parameters of the recognition path on cached tokens (backbone excluded)."""
-    skip = ("visual_encoder.", "teacher.")
-    return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(skip)]
+    skip = {"visual_encoder", "teacher"}
+    return [p for n, p in model.named_parameters() if p.requires_grad and not skip & set(n.split("."))]
+
+
+class TokenTagger(torch.nn.Module):
+    """The RAM model on cached backbone tokens, plus (optionally) a mean-token residual.
+
+    Logit of tag c = RAM decoder logit + ``<q_c, A z> / sqrt(d)`` where ``q_c`` is the decoder's own
+    query of tag c (``relu(wordvec_proj(label_embed[c]))``, normalised), ``z`` the standardised mean
+    backbone feature of the image and ``A`` one linear map ``Cb -> d`` shared by all tags. Why: on
+    a hundred photos the cross-attention decoder alone under-fits what a linear probe on the
+    mean feature gets; the residual is a low-rank bilinear probe that keeps the model open-set
+    (a new tag only needs its text embedding) and, with ``d`` >= the number of tags and linearly
+    independent tag embeddings, can represent any linear probe. ``A`` starts at zero, so the
+    untrained residual leaves the decoder's logits unchanged."""
+
+    def __init__(self, ram, mean_residual: bool):
+        super().__init__()
+        self.ram = ram
+        cb, d = ram.visual_encoder.num_features, ram.config.decoder_dim
+        self.register_buffer("feat_mean", torch.zeros(cb))
+        self.register_buffer("feat_std", torch.ones(cb))
+        self.residual = torch.nn.Linear(cb, d) if mean_residual else None
+        if self.residual is not None:
+            torch.nn.init.zeros_(self.residual.weight)
+            torch.nn.init.zeros_(self.residual.bias)
+
+    @property
+    def num_tags(self) -> int:
+        return self.ram.num_tags
+
+    def set_feature_stats(self, tokens: torch.Tensor) -> None:
+        """Per-channel mean / std of the mean-pooled features of ``tokens [N, V, hw, Cb]``."""
+        feats = tokens.float().mean(2).flatten(0, 1)  # [N*V, Cb]
+        self.feat_mean.copy_(feats.mean(0))
+        self.feat_std.copy_(feats.std(0).clamp(min=1e-4) if len(feats) > 1 else torch.ones_like(self.feat_std))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens ``[B, hw, Cb]`` -> tag logits ``[B, C]``."""
+        logits, _ = self.ram._decode_tags(self.ram.project_tokens(tokens))  # [B, C]
+        if self.residual is None:
+            return logits
+        z = self.residual((tokens.mean(1) - self.feat_mean) / self.feat_std)  # [B, d]
+        queries = self.ram._queries(None)  # [C, d]
+        return logits + z @ queries.T / queries.shape[-1] ** 0.5
+
+
+def token_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, hw, Cb]`` -> ``[B, C]`` for a :class:`TokenTagger` or a bare RAM model."""
+    if isinstance(model, TokenTagger):
+        return model(tokens)
+    return model._decode_tags(model.project_tokens(tokens))[0]
 
 
 def _drop_tokens(tokens: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -134,7 +190,9 @@ def train_head(model, tokens: torch.Tensor, targets: np.ndarray, cfg: HeadTrainC
     scale each entry's loss, e.g. to trust generated labels less than caption labels."""
     from ram_model.losses import asymmetric_loss
 
-    c = model.config
+    c = model.ram.config if isinstance(model, TokenTagger) else model.config
+    gamma_neg = c.gamma_neg if cfg.gamma_neg is None else cfg.gamma_neg
+    clip = c.asl_clip if cfg.asl_clip is None else cfg.asl_clip
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = head_parameters(model)
@@ -155,12 +213,13 @@ def train_head(model, tokens: torch.Tensor, targets: np.ndarray, cfg: HeadTrainC
             view = torch.randint(0, v, (len(idx),), generator=gen)
             batch = tokens[idx, view].float()  # [B, hw, Cb]
             batch = _drop_tokens(batch, cfg.token_dropout, gen)
-            logits, _ = model._decode_tags(model.project_tokens(batch))  # [B, C]
+            logits = token_logits(model, batch)  # [B, C]
             if w is None:
-                loss = asymmetric_loss(logits, y[idx], c.gamma_neg, c.gamma_pos, c.asl_clip, c.asl_eps,
-                                       c.asl_reduction)
+                loss = asymmetric_loss(logits, y[idx], gamma_neg, c.gamma_pos, clip, c.asl_eps, c.asl_reduction,
+                                       reject_negatives=cfg.reject_negatives)
             else:
-                loss = _weighted_asl(logits, y[idx], w[idx], c)
+                loss = _weighted_asl(logits, y[idx], w[idx], gamma_neg, c.gamma_pos, clip, c.asl_eps,
+                                     cfg.reject_negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -172,15 +231,21 @@ def train_head(model, tokens: torch.Tensor, targets: np.ndarray, cfg: HeadTrainC
             "last_epoch_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else None}
 
 
-def _weighted_asl(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, c) -> torch.Tensor:
+def _weighted_asl(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, gamma_neg: float,
+                  gamma_pos: float, clip: float, eps: float, reject_negatives: float = 0.0) -> torch.Tensor:
     """Asymmetric loss with a weight per entry ``[B, C]``, summed over tags, averaged over images."""
+    from ram_model.losses import large_loss_mask
+
     p = torch.sigmoid(logits)
-    p_neg = (1.0 - p + c.asl_clip).clamp(max=1.0) if c.asl_clip > 0 else 1.0 - p
-    loss = targets * torch.log(p.clamp(min=c.asl_eps)) + (1 - targets) * torch.log(p_neg.clamp(min=c.asl_eps))
+    p_neg = (1.0 - p + clip).clamp(max=1.0) if clip > 0 else 1.0 - p
+    loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log(p_neg.clamp(min=eps))
     with torch.no_grad():
         pt = p * targets + p_neg * (1 - targets)
-        focus = torch.pow(1 - pt, c.gamma_pos * targets + c.gamma_neg * (1 - targets))
-    return -(loss * focus * weights).sum() / max(logits.shape[0], 1)
+        focus = torch.pow(1 - pt, gamma_pos * targets + gamma_neg * (1 - targets))
+    loss = -loss * focus * weights  # [B, C], >= 0
+    if reject_negatives > 0:
+        loss = loss * large_loss_mask(loss, targets, reject_negatives)
+    return loss.sum() / max(logits.shape[0], 1)
 
 
 @torch.no_grad()
@@ -191,7 +256,7 @@ def score_head(model, tokens: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start:start + batch_size].float()  # [B, V, hw, Cb]
         b, v = chunk.shape[:2]
-        logits, _ = model._decode_tags(model.project_tokens(chunk.flatten(0, 1)))  # [B*V, C]
+        logits = token_logits(model, chunk.flatten(0, 1))  # [B*V, C]
         out.append(torch.sigmoid(logits).view(b, v, -1).mean(1))
     return torch.cat(out).numpy() if out else np.zeros((0, model.num_tags), dtype=np.float32)
 
@@ -214,7 +279,9 @@ def fit_head(model_name: str, tag_names: Sequence[str], tag_embeddings: torch.Te
              weights: np.ndarray | None = None):
     """Build a fresh model around the shared ``backbone`` and train its head; returns (model, stats)."""
     torch.manual_seed(cfg.seed)  # same initial head for the same seed
-    model = new_head_model(model_name, tag_names, tag_embeddings, overrides, backbone)
+    model = TokenTagger(new_head_model(model_name, tag_names, tag_embeddings, overrides, backbone),
+                        cfg.mean_residual)
+    model.set_feature_stats(tokens)
     stats = train_head(model, tokens, targets, cfg, weights)
     return model, stats
 

@@ -117,3 +117,57 @@ def test_paired_bootstrap_of_a_scorer_against_itself_and_a_worse_one():
     assert better["diff"] > 0.3 and better["low"] > 0 and better["p_le_0"] == 0
     with pytest.raises(ValueError):
         paired_bootstrap(good[:5], bad, y)
+
+
+def test_token_tagger_residual_starts_at_the_decoder_and_learns_planted_tags():
+    from ram_model.feature_head import TokenTagger, head_parameters, token_logits
+
+    tokens, y = _planted_tokens()
+    ram = _tiny_model()
+    tagger = TokenTagger(ram, mean_residual=True)
+    tagger.set_feature_stats(tokens[:32])
+    batch = tokens[:4, 0].float()  # [4, hw, Cb]
+    # zero-initialised residual: the same logits as the bare decoder
+    torch.testing.assert_close(token_logits(tagger, batch), token_logits(ram, batch))
+    names = {n for n, p in tagger.named_parameters() if any(p is q for q in head_parameters(tagger))}
+    assert "residual.weight" in names and not any("visual_encoder" in n for n in names)
+    stats = train_head(tagger, tokens[:32], y[:32], HeadTrainConfig(epochs=30, batch_size=8, lr=3e-3,
+                                                                    mean_residual=True))
+    assert stats["last_epoch_loss"] < stats["first_loss"]
+    assert mean_average_precision(score_head(tagger, tokens[32:]), y[32:]) > 0.9
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reject", [0.0, 0.1])
+def test_train_head_loss_options_train_with_and_without_entry_weights(weighted, reject):
+    tokens, y = _planted_tokens(n=24)
+    model = _tiny_model()
+    weights = np.full_like(y, 0.5) if weighted else None
+    cfg = HeadTrainConfig(epochs=3, batch_size=8, gamma_neg=2.0, asl_clip=0.1, reject_negatives=reject)
+    stats = train_head(model, tokens, y, cfg, weights)
+    assert stats["steps"] == 9 and np.isfinite(stats["last_epoch_loss"])
+
+
+def test_fit_head_returns_a_tagger_with_feature_stats_of_its_tokens():
+    from ram_model.feature_head import TokenTagger, fit_head
+
+    tokens, y = _planted_tokens(n=16)
+    ram = _tiny_model()
+    model, _ = fit_head("ram_tiny", [f"t{i}" for i in range(3)], ram.label_embed, {"caption": False,
+                        "image_size": 32}, ram.visual_encoder, tokens, y,
+                        HeadTrainConfig(epochs=1, batch_size=8, mean_residual=True))
+    assert isinstance(model, TokenTagger) and model.residual is not None
+    torch.testing.assert_close(model.feat_mean, tokens.float().mean(2).flatten(0, 1).mean(0))
+
+
+def test_per_class_engine_thresholds_each_tag_on_its_own_pairs():
+    # tag 0: well ranked (parsed on its top images) -> the unnamed image scored among them is added;
+    # tag 1: named on too few images to calibrate -> nothing added despite a high score
+    scores = np.array([[0.9, 0.95], [0.8, 0.1], [0.7, 0.2], [0.6, 0.3], [0.1, 0.4]])
+    parsed = np.array([[1, 1], [1, 0], [0, 0], [1, 0], [0, 0]], dtype=np.float32)
+    cfg = FeatureEngineConfig(parsed_precision=0.75, per_class=True, min_parsed=2, min_score=0.0)
+    labels, summary = generate_labels(scores, parsed, cfg)
+    assert labels[:, 0].tolist() == [1, 1, 1, 1, 0] and labels[:, 1].tolist() == [1, 0, 0, 0, 0]
+    assert summary["added"] == 1 and summary["threshold"] == pytest.approx(0.6)
+    pooled, _ = generate_labels(scores, parsed, FeatureEngineConfig(parsed_precision=0.75, min_score=0.0))
+    assert pooled.sum() >= labels.sum()
