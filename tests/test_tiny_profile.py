@@ -63,3 +63,9 @@ def test_both_engine_rounds_resolve_to_the_shipped_config(tmp_path, stage):
     allowed = SIZE_KEYS["engine"] | SIZE_KEYS["engine_refined"]
     assert {k for k in shipped if shipped[k] != tiny[k]} <= allowed
     assert tiny["adapt_epochs"] == shipped["adapt_epochs"]  # the engine's own fine-tune runs in the tiny pipeline
+
+
+@pytest.mark.parametrize("stage", ["preliminary_model", "retrained_model", "refined_model", "finetuned_model"])
+def test_tiny_training_stages_start_from_the_same_model_as_the_shipped_ones(stage):
+    """The tiny recipe is smaller (model, steps), but each stage warm-starts like the shipped one."""
+    assert _section(TINY, stage).get("init_from") == _section(SHIPPED, stage).get("init_from")
