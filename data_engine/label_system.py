@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -395,11 +395,3 @@ def assign_label_ids(parsed_path: Path, label_system: LabelSystem | Path, out_pa
     return {"rows": n_rows, "tags": n_tags, "mapped_tags": n_mapped,
             "unmapped_tags": n_tags - n_mapped, "rows_without_labels": n_empty,
             "top_unmapped": unmapped_freq.most_common(top_k), "out": str(out_path)}
-
-
-def iter_label_rows(path: Path) -> Iterator[tuple[str, list[int]]]:
-    """(key, parse_label_ids) rows of a labels parquet file."""
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(columns=["key", "parse_label_ids"]):
-        yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())

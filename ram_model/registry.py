@@ -123,10 +123,6 @@ class RamConfig:
     descriptions_per_tag: int = 1  # RAM++: 51 description embeddings per tag, reweighted per image
     tag_descriptions: str | None = None  # RAM++: JSON [{tag: [descriptions]}] embedded for new tags
 
-    @property
-    def distill_enabled(self) -> bool:
-        return self.teacher is not None or self.teacher_dim > 0
-
 
 def _configs() -> dict[str, RamConfig]:
     swin_l = RamConfig(

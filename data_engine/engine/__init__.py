@@ -16,7 +16,6 @@ parsed-label mapping), which is what tests and benchmarks drive with a stand-in 
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +27,8 @@ import pandas as pd
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+
+from ram_model.checkpoint import load_model
 
 from .cleaning import CleaningResult, clean_tags
 from .calibration import Calibration, calibrate, load_calibration
@@ -386,16 +387,8 @@ def finish_engine(
 
 
 def load_engine_model(model_ckpt: Path, device: str = "cpu"):
-    """Load the preliminary model with the model package's loader (eval mode, on ``device``)."""
-    for mod_name in ("ram_model.checkpoint", "ram_model.model", "ram_model.registry", "ram_model"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(mod, "load_model"):
-            model = mod.load_model(Path(model_ckpt))
-            return model.to(torch.device(device)).eval()
-    raise ImportError("no ram_model load_model(path) found")
+    """The tagger of an engine round (a ramflow model folder), in eval mode on ``device``."""
+    return load_model(Path(model_ckpt)).to(torch.device(device)).eval()
 
 
 def _caption_parser(label_system) -> Callable[[list[str]], list[list[int]]]:
