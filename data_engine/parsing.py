@@ -477,8 +477,23 @@ class CaptionParser:
 _WORKER: dict[str, CaptionParser] = {}  # per worker process: its parser (set by the initializer)
 
 
+def _freeze_heap() -> None:
+    """Move the objects alive now (the loaded pipeline: ~100k) out of the collector's reach.
+
+    They live as long as the process parses; without this every full collection walks them
+    again (2.5 % of the CPU on COCO captions). Garbage is collected first, so nothing that is
+    already unreachable is kept; frozen objects are still freed by reference counting when
+    dropped (only reference cycles among them would stay). Called by :class:`ParserPool`.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _worker_init(cfg_json: str, extra_compounds: tuple[str, ...]) -> None:
     _WORKER["parser"] = CaptionParser(ParseConfig.model_validate_json(cfg_json), extra_compounds)
+    _freeze_heap()
 
 
 def _worker_parse(captions: list[str]) -> list[ParsedCaption]:
@@ -512,6 +527,7 @@ class ParserPool:
     def __enter__(self) -> ParserPool:
         if self.cfg.n_process <= 1:
             self._local = CaptionParser(self.cfg, self.extra_compounds)
+            _freeze_heap()
         else:
             ctx = mp.get_context(self.cfg.start_method)
             self._pool = ctx.Pool(self.cfg.n_process, _worker_init,

@@ -80,3 +80,19 @@ def test_not_used_when_the_rules_are_not_last():
     names = list(nlp.pipe_names)
     assert CachedTokenAttrs.build(nlp) is None
     assert nlp.pipe_names == names
+
+
+def test_parser_pool_uses_the_cache_and_freezes_the_loaded_heap(tmp_path):
+    import gc
+
+    from data_engine.parsing import ParserPool
+
+    before = gc.get_freeze_count()
+    with ParserPool(ParseConfig(nltk_data=tmp_path / "nltk_data")) as pool:
+        assert gc.get_freeze_count() > before  # the new pipeline's objects are frozen
+        local = pool._local
+        assert local._attrs is not None and "lemmatizer" not in local.nlp.pipe_names
+        out = pool.parse_batch(["There is a man riding a horse", "Two dogs are running"])
+        assert out[0].tags == ["man", "horse", "ride"]
+        assert out[1].tags == ["dog", "run"]
+        assert local._attrs.stats["docs_cached"] == 2
