@@ -4,7 +4,8 @@ In ``en_core_web_sm`` the tagger predicts fine-grained tags and two rule compone
 into coarse POS, morphology and lemmas: the ``attribute_ruler`` (a Matcher over ~180 tag-map
 and exception patterns) and the rule ``lemmatizer``. Both do per-token Python work and cost
 as much as the tok2vec network on short captions (on 3,000 COCO captions: ruler 0.95 s,
-lemmatizer 0.59 s, tok2vec 0.87 s, parser 0.83 s of CPU).
+lemmatizer 0.59 s, tok2vec 0.87 s, parser 0.83 s of CPU). The rule lemmatizer also tests
+membership in a word *list* per candidate form; its index is turned into sets here.
 
 Their output for a token is a function of few inputs. Single-token ruler patterns read the
 token's tag, text and a few tests of its dependency label (``nsubj``, ``aux``, ...); the
@@ -12,12 +13,12 @@ multi-token ones either read the previous token's dependency label (``expl`` + "
 "there is a dog") or start with a rare word ("gon na", "let 's"); the lemma is a function of
 text, POS and morphology. So the result is cached per key ``(orth, tag, dependency class,
 previous dep if a context pattern reads it)``, where labels that pass the same pattern tests
-share a class, and written back to the Doc with one ``Doc.from_array``. Keys the cache lacks are computed by the real components
-on one synthetic Doc per batch (a missing token follows a filler token that carries its
-context dependency, or that keeps it apart from a token that could start a pattern), so a new
-key costs one or two tokens of ruler work, once. A Doc holding a word that starts a
-multi-token pattern, or that a pattern re-tags or re-labels (whitespace tokens), runs the real
-components unchanged.
+share a class, and written back to the Doc with one ``Doc.from_array``. Keys the cache lacks
+are computed by the real components on one synthetic Doc per batch (a missing token follows a
+filler token that carries its context dependency, or that keeps it apart from a token that
+could start a pattern), so a new key costs one or two tokens of ruler work, once. A Doc
+holding a word that starts a multi-token pattern, or that a pattern re-tags or re-labels
+(whitespace tokens), runs the real components unchanged.
 
 The output is the real components' output by construction (the tests compare whole Docs);
 :meth:`CachedTokenAttrs.build` returns None when a pipeline's rules fall outside what the
