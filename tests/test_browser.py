@@ -1,6 +1,10 @@
 """``dagster dev`` + headless Chromium: open the asset graph, "Materialize all" on the TINY
 profile, and wait until the backfill's runs all succeed.
 
+The server works on a private copy of the session's tiny pipeline run (tests/conftest.py
+``tiny_pipeline``): every asset is materialized again from the UI, and the training stages,
+whose inputs are unchanged, reuse their models instead of training them a second time.
+
 Chromium is the system one (/usr/bin/chromium) driven by PyPI ``playwright``; nothing is
 downloaded. The server runs in its own process group and is stopped with SIGTERM to it.
 """
@@ -45,13 +49,17 @@ def _gql(url: str, query: str, variables: dict | None = None) -> dict:
 
 
 @pytest.fixture
-def dagster_dev(tmp_path):
-    """``dagster dev`` on a free port with DAGSTER_HOME in tmp_path and the TINY params."""
+def dagster_dev(tiny_pipeline, tmp_path):
+    """``dagster dev`` on a free port with DAGSTER_HOME in tmp_path and the TINY params, over a
+    copy of the session's tiny pipeline run."""
+    from _pipeline import copy_pipeline
+
+    repo = copy_pipeline(tiny_pipeline, tmp_path)
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    params = yaml.safe_load((REPO / "orchestration" / "profiles" / "tiny.yaml").read_text())
-    params["paths"]["data_root"] = str(tmp_path / "data")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["paths"]["data_root"] = str(repo / "data")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     port = free_port()
     env = dict(os.environ, DAGSTER_HOME=str(home), RAMFLOW_PARAMS=str(tmp_path / "params.yaml"),
