@@ -77,7 +77,8 @@ class CachedTokenAttrs:
         self.dep_tests = dep_tests            # every test a pattern makes of a token's own DEP
         self.triggers = triggers              # words that start a pattern the key cannot hold
         self.max_keys = max_keys
-        self.cache: dict[Key, tuple[int, int, int, bool]] = {}  # -> pos, morph, lemma, real
+        self.cache: dict[Key, tuple[int, int, int]] = {}  # -> pos, morph, lemma hashes
+        self.real_keys: set[Key] = set()  # keys whose word may start a pattern: real components
         self._dep_class: dict[int, int] = {}  # dep hash -> class (index of its test outcomes)
         self._signatures: dict[tuple[bool, ...], int] = {}
         self.stats = {"docs_cached": 0, "docs_real": 0, "keys_computed": 0}
@@ -143,20 +144,23 @@ class CachedTokenAttrs:
         self._dep_class[dep] = cls_id
         return cls_id
 
-    def _keys(self, doc) -> tuple[list[Key], list[int]]:
-        """Cache keys of a Doc's tokens and their dependency labels (for computing misses)."""
+    def _keys(self, doc, missing: dict[Key, int]) -> list[Key]:
+        """Cache keys of a Doc's tokens; keys the cache lacks go to ``missing`` (with the
+        token's dependency label, for computing them)."""
         from spacy.attrs import DEP, ORTH, TAG
 
-        ctx, classes, strings = self.context_deps, self._dep_class, doc.vocab.strings
-        keys, deps, prev = [], [], 0
+        ctx, classes, cache = self.context_deps, self._dep_class, self.cache
+        keys, prev = [], 0
         for orth, tag, dep in doc.to_array([ORTH, TAG, DEP]).tolist():  # (n_tokens, 3)
             c = classes.get(dep)
             if c is None:
-                c = self._dep_class_of(dep, strings)
-            keys.append((orth, tag, c, prev))
-            deps.append(dep)
+                c = self._dep_class_of(dep, doc.vocab.strings)
+            key = (orth, tag, c, prev)
+            keys.append(key)
+            if key not in cache:
+                missing.setdefault(key, dep)
             prev = dep if dep in ctx else 0
-        return keys, deps
+        return keys
 
     def _compute(self, vocab, missing: dict[Key, int]) -> None:
         """Fill the cache for ``missing`` (key -> a dependency label of that class): the real
@@ -188,8 +192,11 @@ class CachedTokenAttrs:
         values = doc.to_array([POS, MORPH, LEMMA]).tolist()  # (n, 3)
         if len(self.cache) + len(missing) > self.max_keys:
             self.cache.clear()
+            self.real_keys.clear()
         for key, j, trigger in zip(missing, where, flags):
-            self.cache[key] = (*values[j], trigger)
+            self.cache[key] = tuple(values[j])
+            if trigger:
+                self.real_keys.add(key)
         self.stats["keys_computed"] += len(missing)
 
     def __call__(self, docs: list) -> list:
@@ -198,26 +205,19 @@ class CachedTokenAttrs:
 
         if not docs:
             return docs
-        cache = self.cache
-        all_keys = []
         missing: dict[Key, int] = {}
-        for doc in docs:
-            keys, deps = self._keys(doc)
-            all_keys.append(keys)
-            for key, dep in zip(keys, deps):
-                if key not in cache and key not in missing:
-                    missing[key] = dep
+        all_keys = [self._keys(doc, missing) for doc in docs]
         if missing:
             self._compute(docs[0].vocab, missing)
+        get, real = self.cache.get, self.real_keys
         for doc, keys in zip(docs, all_keys):
-            values = [cache.get(k) for k in keys]
-            if any(v is None or v[3] for v in values):  # a pattern word, or evicted meanwhile
+            values = list(map(get, keys))
+            if None in values or not real.isdisjoint(keys):  # evicted meanwhile, a pattern word
                 for comp in self.components:
                     doc = comp(doc)
                 self.stats["docs_real"] += 1
                 continue
             if values:
-                doc.from_array([POS, MORPH, LEMMA],
-                               np.array([v[:3] for v in values], dtype=np.uint64))  # (n_tokens, 3)
+                doc.from_array([POS, MORPH, LEMMA], np.array(values, dtype=np.uint64))  # (n_tokens, 3)
             self.stats["docs_cached"] += 1
         return docs
