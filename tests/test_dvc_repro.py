@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,26 +19,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _pipeline import copy_pipeline, make_dvc_repo
+from _pipeline import copy_pipeline, make_dvc_repo, subprocess_env
 
 from orchestration.pipeline import STAGES, downstream
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = REPO / "orchestration" / "profiles" / "tiny.yaml"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAMFLOW_PARAMS", None)
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["PYTHONPATH"] = str(REPO)
-    return env
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 120) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(BIN), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
