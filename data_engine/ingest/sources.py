@@ -205,6 +205,12 @@ def _iter_tar(url: str) -> Iterator[RawPair]:
             stream.close()  # a pipe (curl, pipe:...) that exited non-zero raises here
         except Exception as err:
             close_error = err
+    if close_error is not None and samples == 0 and group is None and (unopened is not None or cut is not None):
+        # nothing came out of a stream whose command failed (pipe:cat of a missing file, a curl
+        # 404): the shard could not be read, which is one unreadable item, not a cut archive
+        unopened, cut = f"cannot read shard: {close_error}", None
+        log.warning("%s: %s", url, unopened)
+        close_error = None
     if unopened is not None:
         yield RawPair(url, skip="unreadable_member", detail=unopened)
     elif cut is not None and not watch.marker_seen:
