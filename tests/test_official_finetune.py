@@ -87,6 +87,7 @@ def test_training_stage_starts_from_an_imported_model(corpus, imported, tmp_path
     cfg = TrainStageConfig(model="ram_official_tiny", splits=["finetune"], batch_size=4, micro_batch_size=4,
                            max_steps=2, checkpoint_every=2, warmup_steps=1, lr=1e-3, num_workers=1,
                            validation_fraction=0.25, eval_batch_size=8, seed=0, init_from=str(imported),
+                           caption=True,  # the imported caption branch trains too (and is saved)
                            model_overrides={"text_encoder": f"checkpoint_tags:{imported}"})
     result = train_stage(cfg, root, tmp_path / "finetuned", formats.labels_path(root, "finetune"),
                          init_from=imported)
