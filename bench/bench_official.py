@@ -120,6 +120,39 @@ def build_modes(args: argparse.Namespace, weights: Path, tmp: Path) -> tuple[dic
     return modes, setup
 
 
+def tag_path_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward (matmuls, convolutions, attention: what
+    ``FlopCounterMode`` counts; elementwise work is not included). Parameters are frozen
+    for the count: the counter's module hooks need tensors without autograd history."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module.requires_grad_(False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+def gemm_peak_gflops(threads: int, repeats: int = 20) -> dict:
+    """The best fp32 matmul rate this machine reaches at ``threads`` threads, on the shapes that
+    dominate the tag path: the 4,585 tag queries through the decoder FFN ([4585, 768] x
+    [768, 3072]) and Swin-L's MLP at stage 3 ([576, 768] x [768, 3072] per image)."""
+    torch.set_num_threads(threads)
+    out = {}
+    for name, (m, k, n) in {"queries_ffn": (4585, 768, 3072), "swin_mlp": (576, 768, 3072)}.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeats))
+        out[name] = 2 * m * k * n / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def bench(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_official_") as tmp:
@@ -137,6 +170,9 @@ def bench(args: argparse.Namespace) -> dict:
                 result["golden_max_abs_diff"] = {name: (modes[name](x) - ref).abs().max().item()
                                                  for name in modes if name.endswith("fp32")}
             LOG.info("vs golden logits: %s", result["golden_max_abs_diff"])
+        flops = tag_path_flops(modes["official_baseline"], torch.zeros(1, 3, 384, 384))
+        result["roofline"] = {"tag_path_gflop_per_image": flops / 1e9, "gemm_peak_gflops": gemm_peak_gflops(args.threads)}
+        LOG.info("roofline: %s", result["roofline"])
         for batch in args.batches:
             x = torch.randn(batch, 3, 384, 384, generator=torch.Generator().manual_seed(batch))
             times = {name: [] for name in modes}
@@ -163,6 +199,8 @@ def bench(args: argparse.Namespace) -> dict:
                     "paired_speedup_median": statistics.median(b / t for b, t in zip(base, times[name])),
                     "max_abs_diff_vs_baseline": (outs[name].float() - outs["official_baseline"]).abs().max().item(),
                     "peak_extra_rss_mib": peaks[name],
+                    # the baseline's counted FLOPs over this mode's time: the rate it works at
+                    "effective_gflops": result["roofline"]["tag_path_gflop_per_image"] * batch / med,
                 }
             result["batches"][str(batch)] = rows
     return result
@@ -181,6 +219,21 @@ def write_results(result: dict, out: Path) -> None:
             lines.append(f"| {batch} | {name} | {r['median_s']:.2f} | {r['images_per_s']:.3f} | "
                          f"{r['speedup_vs_baseline']:.2f} | {r['paired_speedup_median']:.2f} | "
                          f"{r['max_abs_diff_vs_baseline']:.2e} | {r['peak_extra_rss_mib']:.0f} |")
+    roof = result.get("roofline")
+    if roof:
+        peak = max(roof["gemm_peak_gflops"].values())
+        lines += ["", f"Roofline: the tag path is {roof['tag_path_gflop_per_image']:.1f} GFLOP per image (matmuls, "
+                  "convolutions and attention of the baseline, counted by torch's FlopCounterMode); the best fp32 "
+                  "matmul rate measured here in this run: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in
+                                                                roof["gemm_peak_gflops"].items()) + ".", "",
+                  "| batch | mode | effective GFLOP/s | share of the matmul peak | fastest possible speedup at that peak |",
+                  "|---|---|---|---|---|"]
+        for batch, rows in result["batches"].items():
+            base = rows["official_baseline"]["median_s"]
+            bound = base / (roof["tag_path_gflop_per_image"] * int(batch) / peak)
+            for name, r in rows.items():
+                lines.append(f"| {batch} | {name} | {r['effective_gflops']:.0f} | {r['effective_gflops'] / peak:.0%} | "
+                             f"{bound:.2f} |")
     lines += ["", "Setup: " + ", ".join(f"{k} {v:.1f}" for k, v in result["setup"].items())]
     if "golden_max_abs_diff" in result:
         lines.append("Max abs diff vs the official code's golden logits (seed 0, 4 inputs): "
