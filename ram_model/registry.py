@@ -95,7 +95,7 @@ class RamConfig:
     max_condition_tags: int = 16
     # False: the caption loss trains the generation branch only, on image tokens it cannot move.
     # ram_effnet_lite0 @ 96 px, 10 epochs of noisy captions: the caption gradient in the shared
-    # encoder dragged test mAP (60 tags) from 0.90 (branch off) to 0.68; see README.
+    # encoder dragged test mAP (60 tags) from 0.90 (branch off) to 0.68; see docs/experiments.md.
     caption_encoder_grad: bool = True
     tokenizer: str = "wordpiece"  # "wordpiece" (MiniLM vocab) or "word" (fitted on captions)
     word_vocab_size: int = 8000  # capacity of the "word" tokenizer (embedding rows)
