@@ -45,9 +45,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_engine import formats  # noqa: E402
-from data_engine.engine import EngineConfig, run_engine_variants  # noqa: E402
-from data_engine.params import stage_config  # noqa: E402
+from ramflow_io import formats  # noqa: E402
+from engine_rounds import EngineConfig, run_engine_variants  # noqa: E402
+from ramflow_io.params import stage_config  # noqa: E402
 
 log = logging.getLogger("ablation")
 

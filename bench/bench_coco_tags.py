@@ -10,7 +10,7 @@ One run, one split, one set of backbone weights (ImageNet EfficientNet-Lite0 of
   cached tokens with the parsed labels - the preliminary model - plus a mean-token residual
   through the same tag queries (``feature_head.TokenTagger``; ``ram_parsed_no_residual``: the
   decoder alone, same labels);
-* ``ram_engine``: the data engine (``data_engine.feature_engine``: out-of-fold tagging of the
+* ``ram_engine``: the data engine (``engine_rounds.feature_engine``: out-of-fold tagging of the
   training images, a threshold set against the parsed labels only) adds labels; the
   preliminary model is then fine-tuned on the engine's labels (``ram_engine_retrained``: trained
   from scratch on them instead);
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     import torch
 
     from data_engine.coco80 import Coco80Matcher, parsed_categories, read_jsonl
-    from data_engine.feature_engine import (FeatureEngineConfig, generate_labels, label_quality, label_weights,
+    from engine_rounds.feature_engine import (FeatureEngineConfig, generate_labels, label_quality, label_weights,
                                             out_of_fold_scores)
     from ram_model.evaluate import evaluate_scores
     from ram_model.feature_head import (FeatureCacheConfig, extract_tokens, linear_probe_scores, new_head_model,

@@ -6,7 +6,7 @@ Reports, all measured in this run:
   cleaning) and, as the baseline, of a tagging-only pass over the same images (ratio);
 * the engine's per-step label precision/recall against the corpus truth;
 * the real-model region check: for each truth object of the first ``--region-images`` images,
-  the box found from the tag's cross-attention (:mod:`data_engine.engine.regions`) against the
+  the box found from the tag's cross-attention (:mod:`engine_rounds.regions`) against the
   object's true box (best IoU over the instances of that class), with the whole-image box and
   a centred half-size box as baselines.
 
@@ -30,17 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_engine import formats  # noqa: E402
-from data_engine.engine import EngineConfig, load_engine_model, run_engine  # noqa: E402
-from data_engine.engine.regions import attention_to_box, box_iou, to_tensor  # noqa: E402
-from data_engine.params import stage_config  # noqa: E402
+from ramflow_io import formats  # noqa: E402
+from engine_rounds import EngineConfig, load_engine_model, run_engine  # noqa: E402
+from engine_rounds.regions import attention_to_box, box_iou, to_tensor  # noqa: E402
+from ramflow_io.params import stage_config  # noqa: E402
 
 log = logging.getLogger("bench_engine")
 
 
 def region_check(model, shards, id_of, cfg: EngineConfig, n_images: int) -> dict:
     """IoU of attention regions with true object boxes (truth read here: evaluation code)."""
-    from data_engine.shards import iter_samples
+    from ramflow_io.shards import iter_samples
 
     ious, whole, centre = [], [], []
     done = 0

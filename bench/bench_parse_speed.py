@@ -53,7 +53,7 @@ def make_parser(name: str, harness: Path):
     """``captions -> number of tags`` for one parser, built in this (fresh) process."""
     if name == "ramflow":
         sys.path.insert(0, str(ROOT))
-        from data_engine.params import stage_config
+        from ramflow_io.params import stage_config
         from data_engine.parsing import ParseConfig, ParserPool
 
         cfg = stage_config(ParseConfig, "parse", None).model_copy(update={"n_process": 1})
@@ -97,7 +97,7 @@ def check_same_tags(captions: Path, limit: int | None, out: Path | None) -> dict
     categories differ and the CPU seconds of each setting.
     """
     sys.path.insert(0, str(ROOT))
-    from data_engine.params import stage_config
+    from ramflow_io.params import stage_config
     from data_engine.parsing import CaptionParser, ParseConfig
 
     cfg = stage_config(ParseConfig, "parse", None).model_copy(update={"n_process": 1,

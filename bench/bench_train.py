@@ -36,9 +36,9 @@ def synthetic_root(root: Path, n: int, shards: int, size: int = 96) -> Path:
     import pyarrow.parquet as pq
     from PIL import Image, ImageDraw
 
-    from data_engine.formats import labels_path, shard_path
+    from ramflow_io.formats import labels_path, shard_path
     from data_engine.label_system import Label, LabelSystem
-    from data_engine.shards import ShardWriter
+    from ramflow_io.shards import ShardWriter
 
     colors = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
     names = list(colors) + ["box", "ball"]
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from data_engine.formats import labels_path
+    from ramflow_io.formats import labels_path
     from ram_model.train_stage import TrainStageConfig, launch_train_stage
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

@@ -2,7 +2,7 @@
 
 The engine decides each (image, tag) label of the pretrain split from its tagger's probability
 and whether the caption names the tag: it adds a tag above its generation threshold and drops a
-label scored below its keep threshold (:mod:`data_engine.engine.generation`). Both thresholds
+label scored below its keep threshold (:mod:`engine_rounds.generation`). Both thresholds
 are set on the calibration images. This bench scores one engine tagger (a folder the engine
 saved, ``engine/engine_model`` or ``engine_refined/engine_model``) once on the pretrain split
 and on the calibration images it never trained on, with and without the mirror image
@@ -36,14 +36,14 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_engine import formats  # noqa: E402
-from data_engine.engine import EngineConfig, load_engine_model  # noqa: E402
-from data_engine.engine.adapt import mixed_in, trained_on  # noqa: E402
-from data_engine.engine.generation import keep_thresholds, precision_thresholds  # noqa: E402
-from data_engine.engine.pipeline import iter_shard_samples, score_samples  # noqa: E402
-from data_engine.engine.report import load_truth, truth_ids  # noqa: E402
+from ramflow_io import formats  # noqa: E402
+from engine_rounds import EngineConfig, load_engine_model  # noqa: E402
+from engine_rounds.adapt import mixed_in, trained_on  # noqa: E402
+from engine_rounds.generation import keep_thresholds, precision_thresholds  # noqa: E402
+from engine_rounds.pipeline import iter_shard_samples, score_samples  # noqa: E402
+from engine_rounds.report import load_truth, truth_ids  # noqa: E402
 from data_engine.label_system import LabelSystem  # noqa: E402
-from data_engine.params import load_params, stage_config  # noqa: E402
+from ramflow_io.params import load_params, stage_config  # noqa: E402
 
 log = logging.getLogger("engine_rules")
 

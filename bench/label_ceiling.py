@@ -13,7 +13,7 @@ any threshold rule can reach. This bench measures that bound for three taggers s
 
 All three are scored on the ``test`` split, which none was trained on; its caption labels
 (``labels/test.parquet``) are the base the tagger adds to, as the pretrain captions are for the
-engine. :func:`data_engine.engine.report.recall_ceiling` then chooses every class's threshold
+engine. :func:`engine_rounds.report.recall_ceiling` then chooses every class's threshold
 on the truth (an oracle the engine does not have) and gives the best recall reached at
 ``--precision`` and an upper bound that no threshold choice exceeds, once with the captions'
 labels as they are and once with their wrong labels removed (a perfect cleaner). Only the tags
@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ablation import parse_overrides  # noqa: E402  (bench/ is on sys.path: this runs as a script)
-from data_engine import formats  # noqa: E402
-from data_engine.engine.report import load_truth, recall_ceiling, truth_ids  # noqa: E402
+from ramflow_io import formats  # noqa: E402
+from engine_rounds.report import load_truth, recall_ceiling, truth_ids  # noqa: E402
 from data_engine.label_system import LabelSystem  # noqa: E402
-from data_engine.params import stage_config  # noqa: E402
+from ramflow_io.params import stage_config  # noqa: E402
 
 log = logging.getLogger("label_ceiling")
 
@@ -87,7 +87,7 @@ def score_split(model_dir: Path, root: Path, split: str, batch_size: int = 64) -
 
     import torch
 
-    from data_engine.engine.pipeline import iter_shard_samples, score_samples
+    from engine_rounds.pipeline import iter_shard_samples, score_samples
     from ram_model.checkpoint import load_model
 
     model = load_model(model_dir).eval()

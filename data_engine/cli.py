@@ -12,7 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-from data_engine.formats import SPLITS
+from data_engine.corpus import CorpusConfig
+from data_engine.ingest import IngestConfig, ingest
+from data_engine.ingest.config import SOURCES
+from ramflow_io.formats import SPLITS
+from ramflow_io.params import given, load_params, stage_config
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +27,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def data_root(args: argparse.Namespace) -> Path:
     """The data root: ``--root``, else ``paths.data_root`` from the params file, else ``data``."""
-    from data_engine.params import load_params
-
     if args.root is not None:
         return Path(args.root)
     return Path((load_params(args.params).get("paths") or {}).get("data_root", "data"))
@@ -34,8 +36,6 @@ def data_root(args: argparse.Namespace) -> Path:
 
 
 def _register_ingest(subparsers) -> None:
-    from data_engine.ingest.config import SOURCES
-
     p = subparsers.add_parser(
         "ingest",
         help="image-text pairs -> raw/ webdataset shards + manifest",
@@ -63,9 +63,6 @@ def _register_ingest(subparsers) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from data_engine.ingest import IngestConfig, ingest
-    from data_engine.params import given, stage_config
-
     cfg = stage_config(
         IngestConfig, "ingest", args.params,
         **given(shard_size=args.shard_size, max_side=args.max_side, max_pixels=args.max_pixels,
@@ -74,8 +71,6 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     )
     corpus_cfg = None
     if args.source == "embedded":
-        from data_engine.corpus import CorpusConfig
-
         corpus_cfg = stage_config(CorpusConfig, "corpus", args.params)
     path = args.path
     if path is not None and args.source != "img2dataset":
@@ -99,11 +94,6 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the data-engine subcommands to the ``ramflow`` parser."""
-    from data_engine.corpus import cli as corpus_cli
-
-    corpus_cli.register(subparsers)
+    """Add ``ramflow ingest`` to the parser (``corpus``, ``parse`` and ``labels`` register from
+    :mod:`data_engine.corpus.cli` and :mod:`data_engine.parse_cli`, listed in ``orchestration/cli.py``)."""
     _register_ingest(subparsers)
-    from data_engine import parse_cli  # `parse` and `labels` (parsing / label-system engineer)
-
-    parse_cli.register(subparsers)

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_engine.parsing import CaptionParser, ParseConfig
+
 RESOURCES = Path(__file__).resolve().parent / "resources"
 SYNONYMS_FILE = RESOURCES / "coco80_synonyms.json"
 
@@ -169,8 +171,6 @@ def parsed_categories(captions_per_image: Sequence[Sequence[str]], matcher: Coco
                       parser=None) -> list[list[str]]:
     """Per image: the COCO-80 categories its captions' parsed tags map to (union over captions)."""
     if parser is None:
-        from data_engine.parsing import CaptionParser, ParseConfig
-
         parser = CaptionParser(ParseConfig(n_process=1))
     flat = [c for caps in captions_per_image for c in caps]
     owner = [i for i, caps in enumerate(captions_per_image) for _ in caps]

@@ -22,10 +22,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from data_engine.parsing import CATEGORIES, RESOURCES, read_word_list
+from data_engine.wordnet import load_wordnet
+from ramflow_io.formats import LABEL_SYSTEM_JSON, read_label_system_json
 
 log = logging.getLogger(__name__)
 
-JSON_NAME = "label_system.json"
+JSON_NAME = LABEL_SYSTEM_JSON
 TAG_LIST_NAME = "ram_tag_list.txt"
 THRESHOLD_NAME = "ram_tag_list_threshold.txt"
 SEEDS_DIR = RESOURCES / "seeds"
@@ -179,11 +181,8 @@ class LabelSystem:
         if not path.exists():
             raise FileNotFoundError(f"no label system at {path}")
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            labels = [Label(**lab) for lab in data["labels"]]
-            if [lab.id for lab in labels] != list(range(len(labels))):
-                raise ValueError(f"{path}: label ids must be 0..n-1 in order")
-            return cls(labels, data.get("default_threshold", 0.68))
+            data = read_label_system_json(path)
+            return cls([Label(**lab) for lab in data["labels"]], data.get("default_threshold", 0.68))
         thr = path.with_name(THRESHOLD_NAME)
         return cls.from_tag_list(path, thr if thr.exists() else None)
 
@@ -228,8 +227,6 @@ class _WordNetMerger:
     """WordNet synonym and hypernym decisions (cached per tag)."""
 
     def __init__(self, cfg: LabelSystemConfig):
-        from data_engine.wordnet import load_wordnet
-
         self.wn = load_wordnet(cfg.nltk_data)
         self.cfg = cfg
         self._targets = {t: {self.wn.synset(s) for s in syns} for t, syns in cfg.hypernym_rules.items()}
@@ -272,7 +269,7 @@ class _WordNetMerger:
 
 def count_parsed_tags(parsed: Iterable[Path]) -> tuple[collections.Counter, dict[str, str]]:
     """Tag frequencies (per caption) and the most common category of each tag."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: pyarrow, only the label stages; `ramflow parse` starts without it
 
     freq: collections.Counter = collections.Counter()
     cats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -358,8 +355,8 @@ def build_label_system(parsed: list[Path], cfg: LabelSystemConfig, out_dir: Path
 def assign_label_ids(parsed_path: Path, label_system: LabelSystem | Path, out_path: Path,
                      top_k: int = 30) -> dict:
     """Write ``labels/{split}.parquet`` (key, parse_label_ids, unmapped); return counts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: pyarrow, only the label stages; `ramflow parse` starts without it
+    import pyarrow.parquet as pq  # lazy: pyarrow, only the label stages; `ramflow parse` starts without it
 
     ls = label_system if isinstance(label_system, LabelSystem) else LabelSystem.load(label_system)
     out_path = Path(out_path)

@@ -147,7 +147,7 @@ class CachedTokenAttrs:
     def _keys(self, doc, missing: dict[Key, int]) -> list[Key]:
         """Cache keys of a Doc's tokens; keys the cache lacks go to ``missing`` (with the
         token's dependency label, for computing them)."""
-        from spacy.attrs import DEP, ORTH, TAG
+        from spacy.attrs import DEP, ORTH, TAG  # lazy: spaCy, loaded by parsing.load_spacy first
 
         ctx, classes, cache = self.context_deps, self._dep_class, self.cache
         keys, prev = [], 0
@@ -165,8 +165,8 @@ class CachedTokenAttrs:
     def _compute(self, vocab, missing: dict[Key, int]) -> None:
         """Fill the cache for ``missing`` (key -> a dependency label of that class): the real
         components on one synthetic Doc."""
-        from spacy.attrs import LEMMA, MORPH, POS
-        from spacy.tokens import Doc
+        from spacy.attrs import LEMMA, MORPH, POS  # lazy: spaCy, loaded by parsing.load_spacy first
+        from spacy.tokens import Doc  # lazy: spaCy, loaded by parsing.load_spacy first
 
         strings = vocab.strings
         words, tags, deps, where, flags = [], [], [], [], []
@@ -201,7 +201,7 @@ class CachedTokenAttrs:
 
     def __call__(self, docs: list) -> list:
         """Set POS, MORPH and LEMMA on ``docs`` (tagged and parsed) in place; return them."""
-        from spacy.attrs import LEMMA, MORPH, POS
+        from spacy.attrs import LEMMA, MORPH, POS  # lazy: spaCy, loaded by parsing.load_spacy first
 
         if not docs:
             return docs

@@ -21,16 +21,20 @@ import logging
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
-from data_engine.formats import SPLITS
+from data_engine.cli import add_common_args, data_root
+from data_engine.label_system import LabelSystem, LabelSystemConfig, assign_label_ids, build_label_system
+from data_engine.parsing import ParseConfig, ParserPool, ParseSummary, parse_split
+from ramflow_io import formats
+from ramflow_io.formats import SPLITS
+from ramflow_io.params import given, stage_config
 
 log = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from data_engine.cli import add_common_args
-
     add_common_args(p)
 
 
@@ -69,33 +73,22 @@ def register(subparsers) -> None:
 
 
 def _root(args) -> Path:
-    from data_engine.cli import data_root
-
     return data_root(args)
 
 
 def _parse_config(args):
-    from data_engine.params import given, stage_config
-    from data_engine.parsing import ParseConfig
-
     only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     return stage_config(ParseConfig, "parse", args.params,
                         **given(batch_size=args.batch_size, n_process=args.n_process, categories=only))
 
 
 def _cmd_parse(args: argparse.Namespace) -> int:
-    from data_engine import formats
-
     cfg = _parse_config(args)
     label_system = None
     if args.label_system:
-        from data_engine.label_system import LabelSystem
-
         label_system = LabelSystem.load(args.label_system)
     extra = sorted(label_system.compounds()) if label_system is not None else []
     if args.split:
-        from data_engine.parsing import parse_split
-
         root = _root(args)
         for split in args.split:
             summary = parse_split(formats.list_shards(root, split),
@@ -149,10 +142,6 @@ def serve_lines(fin, fout, cfg, label_system=None, keep_unmapped: bool = False,
     input that is not coming. Anything the reader raises is handed to the main thread and
     re-raised there, so a failed read ends the command instead of leaving it waiting.
     """
-    import time
-
-    from data_engine.parsing import ParserPool, ParseSummary
-
     lines: queue.Queue = queue.Queue(maxsize=8 * cfg.batch_size)
     done = object()
 
@@ -221,10 +210,6 @@ def _normalize(ls, tags: list[str], cats: list[str], keep: bool) -> tuple[list[s
 
 
 def _cmd_labels_build(args: argparse.Namespace) -> int:
-    from data_engine import formats
-    from data_engine.label_system import LabelSystemConfig, build_label_system
-    from data_engine.params import given, stage_config
-
     cfg = stage_config(LabelSystemConfig, "label_system", args.params, **given(min_freq=args.min_freq))
     root = _root(args)
     parsed = [formats.parsed_path(root, s) for s in args.splits]
@@ -238,9 +223,6 @@ def _cmd_labels_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_labels_assign(args: argparse.Namespace) -> int:
-    from data_engine import formats
-    from data_engine.label_system import LabelSystem, assign_label_ids
-
     root = _root(args)
     ls = LabelSystem.load(formats.label_system_dir(root))
     for split in args.split:

@@ -27,20 +27,26 @@ load_lexicon`), not NLTK's reader; spaCy loads without torch and multiplies with
 from __future__ import annotations
 
 import collections
+import gc
 import html
 import logging
 import multiprocessing as mp
 import re
+import sys
+import time
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from data_engine.parse_attrs import CachedTokenAttrs
 from data_engine.parse_context import KEEP, ContextRules
+from data_engine.wordnet import load_lexicon
+from ramflow_io.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +195,17 @@ def load_spacy(model: str, exclude: Iterable[str] = (), without_torch: bool = Tr
     kernel on some CPUs (2.4x slower on the project's VM for the tok2vec's 3072x288x288).
     Only the models loaded here get these ops; thinc's current ops are restored afterwards.
     """
-    import sys
-
     hide = without_torch and "torch" not in sys.modules and "thinc" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
     try:
-        import spacy
+        import spacy  # lazy: spaCy loads after torch is hidden (above)
     finally:
         if hide:
             del sys.modules["torch"]
     if not numpy_blas:
         return spacy.load(model, exclude=list(exclude))
-    from thinc.api import NumpyOps, get_current_ops, set_current_ops
+    from thinc.api import NumpyOps, get_current_ops, set_current_ops  # lazy: spaCy's thinc loads after torch is hidden (above)
 
     previous = get_current_ops()
     set_current_ops(NumpyOps(use_blis=False))
@@ -224,8 +228,6 @@ class CaptionParser:
                               self.cfg.spacy_without_torch, self.cfg.numpy_blas)
         self._attrs = None  # stands in for the ruler + lemmatizer (taken out of self.nlp)
         if self.cfg.cached_token_attrs:
-            from data_engine.parse_attrs import CachedTokenAttrs
-
             self._attrs = CachedTokenAttrs.build(self.nlp)
         self.nonvisual = frozenset(read_word_list(self.cfg.nonvisual_file))
         attrs = yaml.safe_load(Path(self.cfg.attributes_file).read_text(encoding="utf-8")) or {}
@@ -242,8 +244,6 @@ class CaptionParser:
         self._verb_cache: dict[str, str | None] = {}
         self._wn = None  # the WordNet slice the rules need (data_engine.wordnet.Lexicon)
         if self.cfg.wordnet_verbs or self.cfg.wordnet_compounds:
-            from data_engine.wordnet import load_lexicon
-
             self._wn = load_lexicon(self.cfg.nltk_data)
         self.context = None
         if self.cfg.context_rules:
@@ -485,8 +485,6 @@ def _freeze_heap() -> None:
     already unreachable is kept; frozen objects are still freed by reference counting when
     dropped (only reference cycles among them would stay). Called by :class:`ParserPool`.
     """
-    import gc
-
     gc.collect()
     gc.freeze()
 
@@ -601,8 +599,6 @@ class ParseSummary:
             self.tags_by_category[cat] = self.tags_by_category.get(cat, 0) + 1
 
     def as_dict(self) -> dict:
-        from dataclasses import asdict
-
         d = asdict(self)
         d["captions_per_s"] = self.captions / self.seconds if self.seconds else None
         return d
@@ -610,8 +606,6 @@ class ParseSummary:
 
 def iter_shard_captions(shards: Iterable[Path]) -> Iterator[tuple[str, str]]:
     """(key, caption) of every sample in the raw webdataset shards, in order."""
-    from data_engine.shards import iter_samples
-
     for sample in iter_samples(shards, decode=False):
         yield sample.key, sample.caption
 
@@ -623,11 +617,9 @@ def parse_split(shards: list[Path], out_path: Path, cfg: ParseConfig,
     Columns: key, caption, tags (list[str]), categories (list[str], aligned with tags),
     status ("ok" or the skip reason). Streams: memory does not grow with the split.
     """
-    import time
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
+    import pyarrow as pa  # lazy: pyarrow, only the split stage; `ramflow parse` starts without it
+    import pyarrow.parquet as pq  # lazy: pyarrow, only the split stage; `ramflow parse` starts without it
+    from tqdm import tqdm  # lazy: tqdm, only the split stage; `ramflow parse` starts without it
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -666,7 +658,7 @@ def parse_split(shards: list[Path], out_path: Path, cfg: ParseConfig,
 
 def _flush(writer, schema, rows: dict[str, list], keys: list[str], captions: list[str]) -> None:
     """Write buffered rows; keys/captions are consumed from the front of the read buffers."""
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: pyarrow, only the split stage; `ramflow parse` starts without it
 
     n = len(rows["tags"])
     if not n:

@@ -13,6 +13,7 @@ it lazily; nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -94,8 +95,8 @@ def load_wordnet(nltk_data: str | os.PathLike | None = None):
     NLTK's path sentinel only opens files below a folder listed in ``nltk.data.path``, so the
     nltk_data folder is appended there once (NLTK's own search list; nothing else changes).
     """
-    import nltk.data
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    import nltk.data  # lazy: nltk WordNet, only when building labels
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader  # lazy: nltk WordNet, only when building labels
 
     root = ensure_wordnet(nltk_data)
     data_dir = str(root.parent.parent.resolve())
@@ -293,8 +294,6 @@ def load_lexicon(nltk_data: str | os.PathLike | None = None) -> Lexicon:
     The cache lives in the WordNet folder of :func:`ensure_wordnet` and is rebuilt when the
     WordNet files or :data:`LEXICON_VERSION` change.
     """
-    import json
-
     root = ensure_wordnet(nltk_data)
     sig = {name: (root / name).stat().st_size for name in _REQUIRED + ("cntlist.rev",)
            if (root / name).is_file()}

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from data_engine.formats import SPLITS, label_system_dir, parsed_path
-from data_engine.params import stage_config
+from ramflow_io.formats import SPLITS, label_system_dir, parsed_path
+from ramflow_io.params import stage_config
 
 from .pipeline import report_path
 
@@ -48,7 +48,7 @@ class CheckOutcome:
 
 def parse_coverage(root: str | Path, cfg: ChecksConfig) -> CheckOutcome:
     """Fraction of parsed captions (all splits on disk) with at least one tag."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: pyarrow; settings imports checks and loads light
 
     rows = tagged = 0
     per_split: dict[str, float] = {}

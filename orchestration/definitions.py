@@ -18,7 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from data_engine.params import default_params_path
+from ramflow_io.params import default_params_path
 
 from .assets import build_assets, build_checks
 from .partitions import shard_keys

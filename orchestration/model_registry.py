@@ -29,7 +29,7 @@ FINGERPRINT_TAG = "ramflow.fingerprint"
 
 
 def _client(env: StageEnv):
-    import mlflow
+    import mlflow  # lazy: mlflow, CLI start-up
 
     mlflow.set_tracking_uri(env.tracking_uri())
     mlflow.set_registry_uri(env.tracking_uri())
@@ -165,7 +165,7 @@ def register_and_gate(env: StageEnv, cfg: RegistryConfig, model_uri: str, value:
 
     With ``fingerprint`` (:func:`registration_fingerprint`), a version already tagged with it is
     returned as it is (no new version, no alias moved) unless ``cfg.force``."""
-    import mlflow
+    import mlflow  # lazy: mlflow, CLI start-up
 
     client = _client(env)
     if fingerprint and not cfg.force:

@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (Agg set first), only for plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (Agg set first), only for plots
 
     return plt
 
 
 def metrics_bars(table: Mapping[str, Mapping[str, float]], metrics: list[str], out: Path, title: str) -> Path:
     """Grouped bars: one group per metric, one bar per model."""
-    import numpy as np
-
     plt = _pyplot()
     names = list(table)
     x = np.arange(len(metrics))

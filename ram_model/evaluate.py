@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
+
+from ram_model.checkpoint import load_model, save_model
+from ram_model.inference import load_image, preprocess
+from ramflow_io.formats import TRUTH_FIELD, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +183,6 @@ def collect_scores(model, shards: Sequence[str | os.PathLike], batch_size: int =
     Returns ``scores [N, C]``, ``targets [N, C]`` and counts: ``used`` plus skip reasons
     (samples), and ``truth_tags_unknown_to_model`` (tag occurrences that have no model tag).
     """
-    import torch
-
-    from data_engine.formats import TRUTH_FIELD
-    from ram_model.inference import load_image, preprocess
-
     model = model.to(device).eval()
     lookup = {normalize_tag(n): i for i, n in enumerate(model.tag_names)}
     counts: Counter = Counter()
@@ -232,8 +232,6 @@ def collect_scores(model, shards: Sequence[str | os.PathLike], batch_size: int =
 def evaluate_checkpoint(checkpoint: str | os.PathLike, shards: Sequence[str | os.PathLike],
                         config: EvaluationConfig, out_path: str | os.PathLike | None = None) -> dict:
     """Evaluate a saved model on shards; optionally write the metrics JSON to ``out_path``."""
-    from ram_model.checkpoint import load_model
-
     model = load_model(checkpoint)
     scores, targets, counts = collect_scores(model, shards, config.batch_size, config.max_samples, config.device)
     if scores.shape[0] == 0:
@@ -263,8 +261,6 @@ def evaluate_split(model, data_root: str | os.PathLike, split: str = "test", thr
     indices) adds ``classes_<name>`` (classes with test positives) and, when that is not 0,
     ``mAP_<name>`` per subset,
     e.g. the tags trained on vs those never seen positive in training (open set)."""
-    from data_engine.formats import list_shards
-
     shards = list_shards(data_root, split)
     if not shards:
         raise FileNotFoundError(f"no shards for split {split!r} under {data_root}")
@@ -288,8 +284,6 @@ def evaluate_split(model, data_root: str | os.PathLike, split: str = "test", thr
 def calibrate_checkpoint(checkpoint: str | os.PathLike, shards: Sequence[str | os.PathLike],
                          out_checkpoint: str | os.PathLike, config: EvaluationConfig) -> dict:
     """Calibrate per-class thresholds on validation shards and save them with the model."""
-    from ram_model.checkpoint import load_model, save_model
-
     model = load_model(checkpoint)
     scores, targets, counts = collect_scores(model, shards, config.batch_size, config.max_samples, config.device)
     thr = calibrate_thresholds(scores, targets, default=config.default_threshold)

@@ -10,7 +10,7 @@ in a few CPU seconds.
 
 Also here: the linear-probe baseline on the same cached tokens (one logistic regression per
 class on the mean-pooled backbone features) and out-of-fold scoring, which the data engine of
-:mod:`data_engine.feature_engine` uses to tag training images with a model that never saw them.
+:mod:`engine_rounds.feature_engine` uses to tag training images with a model that never saw them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ram_model import text_encoder as te
+from ram_model.checkpoint import load_model
 from ram_model.text_encoder import TagEmbeddingCache
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,6 @@ class Tagger:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         batch_size: int = 32, **kwargs) -> "Tagger":
-        from ram_model.checkpoint import load_model
-
         return cls(load_model(path), device=device, batch_size=batch_size, **kwargs)
 
     @property
@@ -100,8 +100,6 @@ class Tagger:
         """The model's text encoder, built once (lazily: only open-set calls need it)."""
         with self._encoder_lock:
             if self._text_encoder is None:
-                from ram_model import text_encoder as te
-
                 self._text_encoder = te.build_text_encoder(self.model.config.text_encoder)
             return self._text_encoder
 

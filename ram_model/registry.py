@@ -303,19 +303,19 @@ def create_model(
     """
     config = get_config(name, **overrides)
     if config.layout == "official":
-        from ram_model.official.model import OfficialRamModel as model_class
+        from ram_model.official.model import OfficialRamModel as model_class  # lazy: torch (models import registry)
     elif config.layout == "ramflow":
-        from ram_model.model import RamModel as model_class
+        from ram_model.model import RamModel as model_class  # lazy: torch (models import registry)
     else:
         raise ValueError(f"{name}: unknown layout {config.layout!r} (known: ramflow, official)")
     model = model_class(config, pretrained=pretrained, tokenizer=caption_tokenizer)
     if tag_names is not None:
         if tag_embeddings is None:
-            from ram_model.text_encoder import build_text_encoder, embed_tag_names
+            from ram_model.text_encoder import build_text_encoder, embed_tag_names  # lazy: torch (models import registry)
 
             encoder = build_text_encoder(config.text_encoder, config)
             if config.tag_descriptions:  # RAM++: each tag's descriptions, [C, D, text_dim]
-                from ram_model.official.openset import description_table
+                from ram_model.official.openset import description_table  # lazy: torch (models import registry)
 
                 tag_embeddings = description_table(tag_names, config.tag_descriptions, encoder)
             else:
@@ -330,8 +330,8 @@ def create_unfilled_model(name: str, caption_tokenizer: Any = None, **overrides:
     would overwrite (about 30 s of CPU for Swin-L + BERT) is skipped. Computed buffers (Swin's
     relative position index and window masks) are filled; a model with computed buffers that
     cannot be refilled this way is built normally instead."""
-    import torch
-    from timm.models._manipulate import reinit_non_persistent_buffers
+    import torch  # lazy: torch, registry loads without it
+    from timm.models._manipulate import reinit_non_persistent_buffers  # lazy: timm, registry loads without it
 
     with torch.device("meta"):
         model = create_model(name, pretrained=False, caption_tokenizer=caption_tokenizer, **overrides)
@@ -346,7 +346,7 @@ def create_unfilled_model(name: str, caption_tokenizer: Any = None, **overrides:
 
 def count_parameters(name: str, **overrides: Any) -> dict[str, int]:
     """Parameter counts of ``name`` built on the meta device (no memory, no download)."""
-    import torch
+    import torch  # lazy: torch, registry loads without it
 
     with torch.device("meta"):
         model = create_model(name, pretrained=False, **overrides)

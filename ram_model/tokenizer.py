@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from typing import Any, Iterable, Protocol, Sequence
 
 import torch
+
+from ram_model.text_encoder import minilm_model_dir
 
 _WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 
@@ -61,7 +64,7 @@ class WordPieceTokenizer:
     kind = "wordpiece"
 
     def __init__(self, vocab: Sequence[str]):
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers import BertWordPieceTokenizer  # lazy: tokenizers, only for the MiniLM vocab
 
         self.vocab = list(vocab)
         index = {tok: i for i, tok in enumerate(self.vocab)}
@@ -74,8 +77,6 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_minilm(cls) -> "WordPieceTokenizer":
-        from ram_model.text_encoder import minilm_model_dir
-
         lines = (minilm_model_dir() / "vocab.txt").read_text(encoding="utf-8").splitlines()
         return cls(lines)
 
@@ -132,8 +133,6 @@ class OfficialWordPieceTokenizer(WordPieceTokenizer):
 
     @classmethod
     def from_minilm(cls) -> "OfficialWordPieceTokenizer":
-        from ram_model.text_encoder import minilm_model_dir
-
         return cls((minilm_model_dir() / "vocab.txt").read_text(encoding="utf-8").splitlines())
 
     def state(self) -> dict[str, Any]:
@@ -201,8 +200,6 @@ def build_tokenizer(kind: str, word_vocab_size: int = 8000) -> CaptionTokenizer:
         try:
             return WordPieceTokenizer.from_minilm()
         except (RuntimeError, FileNotFoundError):
-            import logging
-
             logging.getLogger(__name__).warning(
                 "MiniLM vocab not available; using a word-level tokenizer (call .fit(captions))"
             )

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "ramflow"
@@ -41,7 +43,7 @@ def artifact_root(data_root: str | Path) -> str:
 
 
 def _client(uri: str):
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: mlflow (~1.5 s); tracking loads light for the CLIs
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -97,7 +99,7 @@ class RunTracker:
         self._pending: list = []
         if not self.active:
             return
-        from mlflow.entities import RunStatus
+        from mlflow.entities import RunStatus  # lazy: mlflow (~1.5 s); tracking loads light for the CLIs
 
         self.client = _client(self.uri)
         if run_id:  # resuming: keep logging into the same run
@@ -115,7 +117,7 @@ class RunTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.active:
             return
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: mlflow (~1.5 s); tracking loads light for the CLIs
 
         flat: dict[str, str] = {}
         _flatten("", params, flat)
@@ -128,7 +130,7 @@ class RunTracker:
         """Queue metrics (non-finite values dropped) and send them when ``flush``."""
         if not self.active:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: mlflow (~1.5 s); tracking loads light for the CLIs
 
         now = int(time.time() * 1000)
         for k, v in metrics.items():
@@ -170,11 +172,10 @@ class RunTracker:
 def plot_loss_curves(history: Sequence[Mapping[str, float]], out_path: Path,
                      keys: Sequence[str] = ("loss", "loss_tag", "loss_caption"), smooth: int = 10) -> Path:
     """Loss curve PNG: raw per-step losses (faint) and a moving average (solid)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (Agg set first), only for plots
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: matplotlib (Agg set first), only for plots
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = np.array([h["step"] for h in history])

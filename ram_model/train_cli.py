@@ -11,7 +11,7 @@ TRAIN_STAGES = ("preliminary_model", "retrained_model", "refined_model", "finetu
 
 def default_inputs(stage: str, data_root: Path) -> tuple[list[Path], Path | None]:
     """(label files, init checkpoint) a stage reads by default (as the pipeline wires them)."""
-    from data_engine import formats
+    from ramflow_io import formats
 
     if stage == "preliminary_model":
         return [formats.labels_path(data_root, "pretrain")], None
@@ -30,8 +30,8 @@ def _value(text: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from data_engine import formats
-    from data_engine.params import load_params, stage_config
+    from ramflow_io import formats
+    from ramflow_io.params import load_params, stage_config
     from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage
 
     params = load_params(args.params)

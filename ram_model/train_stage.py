@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_engine.formats import label_system_dir, labels_path, list_shards
+from ramflow_io.formats import label_names, label_system_dir, labels_path, list_shards
 from ram_model.data import (
     AugmentConfig, ShardInfo, TrainLoader, index_shards, iter_eval_batches, load_label_table, multi_hot,
 )
@@ -113,7 +113,7 @@ def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | 
             state = None
         if state:
             return tokenizer_from_state(state)
-    from data_engine.shards import iter_samples
+    from ramflow_io.shards import iter_samples
 
     splits = cfg.splits + ([cfg.clean_mix.split] if cfg.clean_mix else [])
     shards = [p for split in splits for p in list_shards(data_root, split)]
@@ -301,9 +301,7 @@ def _reuse(cfg: TrainStageConfig, out_dir: Path, fingerprint: str, data_root: Pa
 def _stage_inputs(cfg: TrainStageConfig, data_root: Path, labels: Path | Sequence[Path],
                   init_from: Path | None) -> tuple[list[str], list[Path], Path | None]:
     """Tag names, label files (the stage's, then the clean-mix split's) and the initial model."""
-    from data_engine.label_system import LabelSystem
-
-    names = LabelSystem.load(label_system_dir(data_root)).names
+    names = label_names(label_system_dir(data_root))
     label_files = [Path(labels)] if isinstance(labels, (str, Path)) else [Path(p) for p in labels]
     init = init_from if init_from is not None else config_init(cfg, data_root)
     return names, [*label_files, *_clean_mix_labels(cfg, data_root)], init

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_engine.formats import labels_path, shard_path
+from ramflow_io.formats import labels_path, shard_path
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 TAGS = ["red", "green", "blue", "yellow", "square", "wide"]
@@ -34,7 +34,7 @@ def make_split(root: Path, split: str, shard_sizes: list[int], unlabeled_every: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_engine.shards import ShardWriter
+    from ramflow_io.shards import ShardWriter
 
     rng = random.Random(seed)
     keys, rows, n = [], [], 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _train_helpers import labelled_root, write_code_pickle
-from data_engine.formats import labels_path
+from ramflow_io.formats import labels_path
 from ram_model.checkpoint import FORMAT, STATE_FORMAT, load_model, load_state_dict, read_checkpoint
 from ram_model.engines import UnsafeCheckpointError
 from ram_model.train_stage import RESULT_FILE, TrainStageConfig, train_stage

@@ -22,8 +22,8 @@ from data_engine.corpus import (
     vocabulary,
 )
 from data_engine.corpus.vocab import OBJECTS
-from data_engine.formats import SPLITS
-from data_engine.params import stage_config
+from ramflow_io.formats import SPLITS
+from ramflow_io.params import stage_config
 
 
 def test_vocabulary_sizes_and_categories():

@@ -269,7 +269,7 @@ def test_dockerfile_copies_existing_sources():
         *sources, _dest = line.split()
         matched = [s for s in sources if list(REPO.glob(s.rstrip("/")))]
         assert matched, f"COPY {line}: no source exists in the build context"
-    for pkg in ("data_engine", "ram_model", "orchestration"):
+    for pkg in ("ramflow_io", "data_engine", "ram_model", "engine_rounds", "orchestration"):
         assert f"COPY {pkg}/ {pkg}/" in text
     for extra in ("dagster-postgres", "dagster-k8s", "psycopg2-binary", "boto3"):
         assert extra in text

@@ -119,7 +119,7 @@ def test_the_second_engine_round_reads_engine_with_engine_refined_over_it(tmp_pa
 
 def test_rematerializing_every_partition_of_one_split_rewrites_it(tmp_path):
     """raw_pairs for all shards of one split (but not all splits) rewrites those shards only."""
-    from data_engine.formats import list_shards
+    from ramflow_io.formats import list_shards
     from orchestration.settings import StageEnv
     from orchestration.stages import run_raw_pairs
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_engine.engine import EngineConfig, Sample, engine_core
-from data_engine.engine.cleaning import CropStore, clean_tags, kmeans_outliers
-from data_engine.engine.generation import caption_parser, confident_tags, generate_labels, precision_thresholds
-from data_engine.engine.regions import attention_box_cells, attention_to_box, box_iou, crop_image, to_tensor
+from engine_rounds import EngineConfig, Sample, engine_core
+from engine_rounds.cleaning import CropStore, clean_tags, kmeans_outliers
+from engine_rounds.generation import caption_parser, confident_tags, generate_labels, precision_thresholds
+from engine_rounds.regions import attention_box_cells, attention_to_box, box_iou, crop_image, to_tensor
 
 COLORS = np.array([[220, 30, 30], [30, 200, 30], [30, 30, 220], [230, 220, 30]], dtype=np.float32)
 NAMES = ["red", "green", "blue", "yellow"]
@@ -130,7 +130,7 @@ def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_pa
     """Calibration images with complete labels decide which confident predictions are added: red is
     right there (added on the pretrain image), blue predictions are wrong there (never added), green
     and yellow have no positives there (threshold + margin)."""
-    from data_engine.engine import Calibration
+    from engine_rounds import Calibration
 
     box = (8, 8, 56, 56)
     calib = [Sample("c_red", synthetic_image([(0, box)])), Sample("c_blue", synthetic_image([(2, box)])),
@@ -165,7 +165,7 @@ def test_generation_calibrated_on_a_clean_split_adds_only_precise_classes(tmp_pa
 def test_image_score_cleaning_removes_a_named_tag_the_image_lacks(tmp_path):
     """The keep threshold comes from how the clean split's red images score red; a caption that
     names red on a grey image scores far below it, so cleaning removes that label."""
-    from data_engine.engine import Calibration
+    from engine_rounds import Calibration
 
     box = (8, 8, 56, 56)
     calib = [Sample(f"c{i}", synthetic_image([(0, box)], jitter=i)) for i in range(4)]
@@ -190,7 +190,7 @@ def test_image_score_never_removes_a_tag_the_model_predicts(tmp_path, cap, remov
     """Clean red images fill half the frame, so red's keep quantile is near 1. A small red patch
     scores 0.63: above red's class threshold (0.5), below that quantile. With the cap the label
     stays; without it the rule removes a right label. A grey image's red label goes either way."""
-    from data_engine.engine import Calibration
+    from engine_rounds import Calibration
 
     calib = [Sample(f"c{i}", synthetic_image([(0, (8, 8, 56, 56))], jitter=i)) for i in range(4)]
     samples = [Sample("grey", synthetic_image([])), Sample("small", synthetic_image([(0, (30, 30, 50, 50))]))]
@@ -208,7 +208,7 @@ def test_image_score_never_removes_a_tag_the_model_predicts(tmp_path, cap, remov
 def test_adaptation_recipe_and_split():
     """The engine model's fine-tune keeps the preliminary recipe but trains on the calibration
     split's non-held-out keys only: the ones the engine calibrates on are never trained on."""
-    from data_engine.engine.adapt import adapt_config, trained_on
+    from engine_rounds.adapt import adapt_config, trained_on
     from ram_model.data import is_validation_key
 
     base = {"model": "ram_effnet_lite0", "model_overrides": {"image_size": 96}, "splits": ["pretrain"],
@@ -311,7 +311,7 @@ def test_clean_tags_removes_planted_tag_and_respects_min_count():
 
 def test_label_precision_recall_judges_only_the_truth_vocabulary():
     """Labels the truth cannot contain (tag 9: an action) are counted apart, not called wrong."""
-    from data_engine.engine.report import precision_recall
+    from engine_rounds.report import precision_recall
 
     truth = {"a": {1, 2}, "b": {3}}
     labels = {"a": [1, 9], "b": [3, 4, 9]}
@@ -408,8 +408,8 @@ def _write_split(root: Path, split: str, samples, parsed, truth, shard_size: int
     """Shards (JPEG + caption + truth) and ``labels/{split}.parquet`` of stand-in samples."""
     import io
 
-    from data_engine import formats
-    from data_engine.shards import ShardWriter
+    from ramflow_io import formats
+    from ramflow_io.shards import ShardWriter
 
     for shard_i in range(-(-len(samples) // shard_size)):
         with ShardWriter(formats.shard_path(root, split, shard_i)) as w:
@@ -425,7 +425,7 @@ def _write_split(root: Path, split: str, samples, parsed, truth, shard_size: int
 
 
 def _write_label_system(root: Path) -> None:
-    from data_engine import formats
+    from ramflow_io import formats
     from data_engine.label_system import LabelSystem
 
     ls = LabelSystem()
@@ -436,8 +436,8 @@ def _write_label_system(root: Path) -> None:
 
 def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
     """``run_engine`` end to end on real shards, labels parquet and label system (stand-in model)."""
-    import data_engine.engine as engine
-    from data_engine import formats
+    import engine_rounds as engine
+    from ramflow_io import formats
 
     samples, parsed, truth = _corpus(40, np.random.default_rng(5))
     root = tmp_path / "data"
@@ -464,9 +464,9 @@ def test_run_engine_on_shards_with_label_system(tmp_path, monkeypatch):
 def test_run_engine_adapts_then_calibrates_on_the_held_out_half_only(tmp_path, monkeypatch):
     """With ``adapt_epochs`` the stage fine-tunes first (here a recording stand-in for the
     trainer), loads the adapted model, and calibrates on the held-out keys alone."""
-    import data_engine.engine as engine
-    import data_engine.engine.adapt as adapt
-    from data_engine import formats
+    import engine_rounds as engine
+    import engine_rounds.adapt as adapt
+    from ramflow_io import formats
     from ram_model.data import is_validation_key
 
     root = tmp_path / "data"
@@ -503,7 +503,7 @@ def test_run_engine_adapts_then_calibrates_on_the_held_out_half_only(tmp_path, m
 
 
 def test_variants_from_one_pass_match_separate_runs(tmp_path):
-    from data_engine.engine import engine_variants
+    from engine_rounds import engine_variants
 
     samples, parsed, truth = _corpus(60, np.random.default_rng(6))
     base = EngineConfig(adapt_epochs=0,
@@ -535,7 +535,7 @@ def test_variants_from_one_pass_match_separate_runs(tmp_path):
 
 def test_recall_ceiling_finds_the_best_thresholds_and_bounds_them():
     """Tag 0 ranks its missing positives first; tag 1 ranks a wrong pair above its two missing ones."""
-    from data_engine.engine.report import recall_ceiling
+    from engine_rounds.report import recall_ceiling
 
     truth = np.array([[1, 1], [1, 0], [1, 1], [0, 1]], bool)          # [4 images, 2 tags]
     base = np.array([[1, 1], [0, 0], [0, 0], [0, 0]], bool)           # captions name image 0's tags
@@ -558,7 +558,7 @@ def test_recall_ceiling_brackets_the_brute_force_best(seed):
     best choice of per-class prefixes found by trying them all."""
     from itertools import product
 
-    from data_engine.engine.report import recall_ceiling
+    from engine_rounds.report import recall_ceiling
 
     rng = np.random.default_rng(seed)
     truth = rng.random((7, 3)) < 0.5
@@ -586,7 +586,7 @@ class LeftHalfModel(torch.nn.Module):
 
 
 def test_flip_averages_the_probabilities_of_the_image_and_its_mirror():
-    from data_engine.engine.pipeline import tag_probs
+    from engine_rounds.pipeline import tag_probs
 
     x = torch.zeros(2, 3, 4, 4)
     x[0, 0, :, :2] = 1.0                     # image 0: bright left half; image 1: bright right half
@@ -600,7 +600,7 @@ def test_flip_averages_the_probabilities_of_the_image_and_its_mirror():
 def test_tta_flip_changes_nothing_for_mirror_symmetric_evidence(tmp_path):
     """The stand-in tagger counts colour pixels, which a mirror keeps: the labels are the same with
     and without the flip, and calibration and the pass tag each batch twice."""
-    from data_engine.engine import Calibration
+    from engine_rounds import Calibration
 
     box = (8, 8, 40, 56)
     calib = [Sample(f"c{i}", synthetic_image([(0, box)], jitter=i)) for i in range(4)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _train_helpers import TAGS, TinyTagger, make_split, write_code_pickle
-from data_engine.formats import labels_path, list_shards
+from ramflow_io.formats import labels_path, list_shards
 from ram_model.data import AugmentConfig, TrainLoader, index_shards, load_label_table
 from ram_model.engines import WarmupCosine
 from ram_model.trainer import TRAINER_STATE, Trainer, TrainStageConfig, latest_checkpoint, seed_everything

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_engine.feature_engine import (FeatureEngineConfig, generate_labels, generation_threshold, label_quality,
+from engine_rounds.feature_engine import (FeatureEngineConfig, generate_labels, generation_threshold, label_quality,
                                         label_weights, out_of_fold_scores)
 from ram_model.evaluate import mean_average_precision
 from ram_model.feature_head import (FeatureCacheConfig, HeadTrainConfig, extract_tokens, kfold_indices,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from _train_helpers import labelled_root
-from data_engine.formats import labels_path, model_dir
+from ramflow_io.formats import labels_path, model_dir
 from ram_model.checkpoint import file_sha256
 from ram_model.train_stage import TrainStageConfig, train_stage
 

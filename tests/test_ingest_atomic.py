@@ -11,10 +11,10 @@ import pytest
 
 import _ingest_fake_corpus as fake
 from _ingest_helpers import image_bytes, sample_members, snapshot, write_coco, write_tar
-from data_engine.formats import list_shards, raw_dir
+from ramflow_io.formats import list_shards, raw_dir
 from data_engine.ingest import EmptyIngestError, IngestConfig, ingest
 from data_engine.ingest import swap
-from data_engine.shards import ShardWriter, iter_samples, read_manifest
+from ramflow_io.shards import ShardWriter, iter_samples, read_manifest
 
 CFG = IngestConfig(shard_size=4, max_side=32, progress=False)
 KEYS = [f"old{i}" for i in range(10)]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import _ingest_fake_corpus as fake
-from data_engine.formats import SPLITS, TRUTH_FIELD, list_shards
+from ramflow_io.formats import SPLITS, TRUTH_FIELD, list_shards
 from data_engine.ingest import (
     IngestConfig,
     embedded_shards,
@@ -17,7 +17,7 @@ from data_engine.ingest import (
     merge_manifests,
 )
 from data_engine.ingest.pipeline import summary_path
-from data_engine.shards import iter_samples, read_manifest
+from ramflow_io.shards import iter_samples, read_manifest
 
 CFG = IngestConfig(shard_size=3, max_side=40, progress=False)
 SMALL = fake.CorpusConfig(n_pretrain=7, n_finetune=3, n_test=4)

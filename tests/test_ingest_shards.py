@@ -8,9 +8,9 @@ import json
 import pytest
 
 import _ingest_fake_corpus as fake
-from data_engine.formats import list_shards
+from ramflow_io.formats import list_shards
 from data_engine.ingest import IngestConfig, ingest
-from data_engine.shards import ShardWriter, iter_samples, make_dataset, read_manifest, shard_urls
+from ramflow_io.shards import ShardWriter, iter_samples, make_dataset, read_manifest, shard_urls
 
 CFG = IngestConfig(shard_size=4, max_side=40, progress=False)
 

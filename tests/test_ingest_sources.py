@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from _ingest_helpers import image_bytes, sample_members, write_coco, write_tar
-from data_engine.formats import MANIFEST_COLUMNS, list_shards
+from ramflow_io.formats import MANIFEST_COLUMNS, list_shards
 from data_engine.ingest import IngestConfig, ingest, sanitize_key
 from data_engine.ingest.pipeline import summary_path
-from data_engine.shards import iter_samples, read_manifest
+from ramflow_io.shards import iter_samples, read_manifest
 
 CFG = IngestConfig(shard_size=2, max_side=32, progress=False)
 
@@ -122,7 +122,7 @@ def test_sanitize_key():
 def test_params_section_mirrors_config_defaults():
     from pathlib import Path
 
-    from data_engine.params import stage_config
+    from ramflow_io.params import stage_config
 
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     assert stage_config(IngestConfig, "ingest", params) == IngestConfig()

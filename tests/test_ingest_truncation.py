@@ -11,7 +11,7 @@ import pytest
 from _ingest_helpers import members_end, sample_members, tar_boundaries, tar_bytes, tar_layout
 from data_engine.ingest import IngestConfig, ingest
 from data_engine.ingest.sources import iter_img2dataset
-from data_engine.shards import ShardWriter, iter_samples, read_manifest
+from ramflow_io.shards import ShardWriter, iter_samples, read_manifest
 
 N = 10
 KEYS = [f"s{i}" for i in range(N)]

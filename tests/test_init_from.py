@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from _train_helpers import labelled_root
-from data_engine.formats import labels_path
+from ramflow_io.formats import labels_path
 from ram_model.train_stage import config_init, train_stage
 from ram_model.trainer import TrainStageConfig
 
@@ -43,7 +43,7 @@ def test_a_missing_init_model_is_an_error_not_a_start_from_scratch(tmp_path, val
 
 def test_shipped_params_chain_the_training_stages():
     """retrained_model starts from the preliminary model, refined_model from the retrained one."""
-    from data_engine.params import stage_config
+    from ramflow_io.params import stage_config
 
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     chain = {s: stage_config(TrainStageConfig, s, params).init_from for s in ("retrained_model", "refined_model")}

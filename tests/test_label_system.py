@@ -16,6 +16,7 @@ from data_engine.label_system import (
     build_label_system,
 )
 from data_engine.wordnet import LEXNAMES, ensure_wordnet
+from ramflow_io.formats import label_names
 
 
 def write_parsed(path: Path, rows: list[list[tuple[str, str]]]) -> Path:
@@ -128,6 +129,20 @@ def test_ram_format_round_trip(tmp_path, built):
     (tmp_path / "rt/label_system.json").unlink()
     from_txt = LabelSystem.load(tmp_path / "rt")  # RAM text files only
     assert from_txt.names == ls.names and from_txt.thresholds == thr
+
+
+def test_model_side_reader_matches_the_builder(tmp_path, built):
+    """Training reads tag names through ramflow_io (no import of data_engine): same names, same order."""
+    built[0].save(tmp_path / "ls")
+    assert label_names(tmp_path / "ls") == built[0].names
+    assert label_names(tmp_path / "ls" / "label_system.json") == built[0].names
+    payload = json.loads((tmp_path / "ls/label_system.json").read_text())
+    payload["labels"][0]["id"] = 5
+    (tmp_path / "ls/label_system.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="0..n-1"):
+        label_names(tmp_path / "ls")
+    with pytest.raises(FileNotFoundError):
+        label_names(tmp_path / "absent")
 
 
 def test_reads_user_ram_tag_list(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_engine import formats
+from ramflow_io import formats
 from data_engine.label_system import LabelSystem
 from ram_model.checkpoint import load_model
 from ram_model.official.importer import OfficialImportConfig, import_official
@@ -28,7 +28,7 @@ def corpus(tmp_path_factory):
 
     from data_engine.corpus import CorpusConfig
     from data_engine.ingest import IngestConfig, ingest
-    from data_engine.shards import iter_samples
+    from ramflow_io.shards import iter_samples
 
     root = tmp_path_factory.mktemp("corpus")
     ingest("embedded", root, IngestConfig(shard_size=8, progress=False),
@@ -65,7 +65,7 @@ def imported(corpus, tmp_path_factory):
 
 
 def test_engine_tags_with_an_imported_model(corpus, imported, tmp_path):
-    import data_engine.engine as engine
+    import engine_rounds as engine
 
     root, names = corpus
     # captioning on: the imported caption branch writes captions that the parser reads

@@ -223,7 +223,7 @@ def test_champion_is_registered_and_serves(tiny_run):
     import mlflow
     import pandas as pd
 
-    from data_engine.formats import label_system_dir
+    from ramflow_io.formats import label_system_dir
     from data_engine.label_system import LabelSystem
     from ram_model.serving import example_images
 

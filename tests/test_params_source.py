@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from data_engine.corpus.config import CorpusConfig
-from data_engine.engine import EngineConfig
-from data_engine.params import ParamsFileNotFoundError, load_params, stage_config
+from engine_rounds import EngineConfig
+from ramflow_io.params import ParamsFileNotFoundError, load_params, stage_config
 from orchestration.settings import (BackendConflictError, LauncherSettings, StageEnv, params_configs,
                                     training_backend, validate_params)
 from ram_model.trainer import TrainStageConfig

@@ -153,7 +153,7 @@ def test_parse_split_writes_parquet(tmp_path, cfg):
     import pyarrow.parquet as pq
 
     from data_engine.parsing import parse_split
-    from data_engine.shards import ShardWriter
+    from ramflow_io.shards import ShardWriter
 
     captions = ["A dog on a beach", "", "Two red cars parked on a street", "<i>A cat</i>"]
     shards = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _train_helpers import TAGS, make_split
-from data_engine.formats import labels_path, list_shards
+from ramflow_io.formats import labels_path, list_shards
 from ram_model.data import AugmentConfig, TrainLoader, index_shards, load_label_table, round_robin
 
 AUG = AugmentConfig(image_size=16)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from _train_helpers import labelled_root, make_split, write_label_system
-from data_engine.formats import labels_path
+from ramflow_io.formats import labels_path
 from ram_model.tracking import start_pipeline_run, tracking_uri
 from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage
 from ram_model.trainer import latest_checkpoint
@@ -100,13 +100,13 @@ def test_ram_tiny_stage_calibrates_evaluates_and_exports(root, tmp_path, monkeyp
 
 
 def test_engine_adaptation_fine_tunes_through_the_trainer(root, tmp_path, monkeypatch):
-    """``data_engine.engine.adapt``: the preliminary recipe, fine-tuned on the non-held-out half of
+    """``engine_rounds.adapt``: the preliminary recipe, fine-tuned on the non-held-out half of
     a clean split; the trainer's validation slice is exactly the engine's calibration half."""
     import json
 
     import torch
 
-    from data_engine.engine.adapt import adapt_model, trained_on
+    from engine_rounds.adapt import adapt_model, trained_on
     from ram_model.checkpoint import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -138,7 +138,7 @@ def test_clean_mix_trains_on_the_clean_split_repeated_and_the_engine_leaves_thos
                                                                                               monkeypatch):
     """``clean_mix``: the clean split's non-reserved half is read ``repeat`` times per epoch; the
     engine finds those keys in the saved config and does not calibrate on them."""
-    from data_engine.engine.adapt import mixed_in, trained_on
+    from engine_rounds.adapt import mixed_in, trained_on
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data_root = tmp_path / "dr"

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from data_engine.corpus import CorpusConfig
+from data_engine.corpus.contact_sheet import classes_sheet, items_sheet
+from data_engine.corpus.report import corpus_report
+from ramflow_io.params import stage_config
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("corpus", help="embedded corpus: report, contact sheets")
@@ -17,21 +22,12 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from data_engine.corpus import CorpusConfig
-    from data_engine.params import stage_config
-
     cfg = stage_config(CorpusConfig, "corpus", args.params)
     if args.action == "report":
-        from data_engine.corpus.report import corpus_report
-
         report = corpus_report(cfg, args.out, n_measure=max(args.n, 100))
         print(json.dumps(report["noise"], indent=1))
     elif args.action == "sheet":
-        from data_engine.corpus.contact_sheet import items_sheet
-
         items_sheet(cfg, args.split, args.out, n=args.n)
     else:
-        from data_engine.corpus.contact_sheet import classes_sheet
-
         classes_sheet(args.out, size=cfg.image_size)
     return 0

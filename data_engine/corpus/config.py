@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_engine.corpus.vocab import OBJECT_NAMES
+
 DEFAULT_HELD_OUT: tuple[str, ...] = ("butterfly", "cat", "truck", "windmill")
 """Object classes that only ever appear in ``test`` images (open-set evaluation)."""
 
@@ -52,8 +54,6 @@ class CorpusConfig(BaseModel):
     @field_validator("held_out")
     @classmethod
     def _known_classes(cls, value: list[str]) -> list[str]:
-        from data_engine.corpus.vocab import OBJECT_NAMES
-
         unknown = sorted(set(value) - set(OBJECT_NAMES))
         if unknown:
             raise ValueError(f"held_out names are not object classes: {unknown}")

@@ -20,7 +20,7 @@ from data_engine.corpus.pen import Pen
 from data_engine.corpus.scenes import paint_background
 from data_engine.corpus.shapes import DRAWERS
 from data_engine.corpus.vocab import COLORS, OBJECTS, PATTERNS, SCENE_NAMES, ObjectClass
-from data_engine.formats import SPLITS
+from ramflow_io.formats import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from data_engine.corpus.contact_sheet import classes_sheet, items_sheet
 from data_engine.corpus.generate import iter_corpus, split_size
 from data_engine.corpus.noise import measure_noise
 from data_engine.corpus.vocab import vocabulary
-from data_engine.formats import SPLITS
+from ramflow_io.formats import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -58,13 +58,13 @@ def check_vocabulary(wordnet_dir: str | Path = "/usr/share/wordnet") -> dict:
     ``hypernyms``: the pairs of object classes where one's first noun sense is among the
     hypernyms (transitive, instance hypernyms included) of the other's first noun sense.
     """
-    import nltk
+    import nltk  # lazy: nltk WordNet, only this check
 
     with tempfile.TemporaryDirectory(prefix="ramflow_wn_") as tmp:
         data = prepare_nltk_wordnet(wordnet_dir, tmp)
         nltk.data.path.insert(0, str(data))
         try:
-            from nltk.corpus.reader.wordnet import WordNetCorpusReader
+            from nltk.corpus.reader.wordnet import WordNetCorpusReader  # lazy: nltk WordNet, only this check
 
             with warnings.catch_warnings():  # "multilingual functions are not available"
                 warnings.filterwarnings("ignore", message="The multilingual functions")

@@ -2,7 +2,7 @@
 
 Sources: the embedded generator (``data_engine.corpus``), img2dataset tar folders (local or
 any URL webdataset opens), COCO captions JSON + images, and CSV/parquet tables. Output, per
-:mod:`data_engine.formats`: ``raw/{split}/{split}-{i:06d}.tar`` (``{key}.jpg/.txt/.json``),
+:mod:`ramflow_io.formats`: ``raw/{split}/{split}-{i:06d}.tar`` (``{key}.jpg/.txt/.json``),
 ``raw/manifest.parquet`` and ``raw/summary.json``. Bad items are skipped and counted by
 reason (:data:`SKIP_REASONS`); ``seen == written + sum(skipped)`` per split and in total; a
 cut input tar counts once as ``truncated_shard`` and is named in the summary. A re-ingested

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SOURCES: tuple[str, ...] = ("embedded", "img2dataset", "coco", "table")
@@ -50,8 +51,6 @@ class IngestConfig(BaseModel):
     def _within_pil_limit(cls, value: int) -> int:
         """PIL's own bomb warning (turned into an error while ingesting) fires above
         ``Image.MAX_IMAGE_PIXELS``; a larger cap could never be reached, so refuse it."""
-        from PIL import Image
-
         if Image.MAX_IMAGE_PIXELS is not None and value > Image.MAX_IMAGE_PIXELS:
             raise ValueError(f"max_pixels {value} exceeds PIL's limit Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}")
         return value

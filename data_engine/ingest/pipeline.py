@@ -30,12 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from data_engine.formats import SPLITS, TRUTH_FIELD, manifest_path, raw_dir, shard_path
+from ramflow_io.formats import SPLITS, TRUTH_FIELD, manifest_path, raw_dir, shard_path
 from data_engine.ingest.config import SOURCES, IngestConfig, IngestSummary, SplitCounts
 from data_engine.ingest.sources import RawPair, iter_coco, iter_img2dataset, iter_table
 from data_engine.ingest.swap import PENDING, ingest_lock, new_staging_dir, recover, swap_in, write_atomic
 from data_engine.ingest.writer import MANIFEST_SCHEMA, PARTS, dir_part_paths, write_pairs
-from data_engine.shards import iter_samples
+from ramflow_io.shards import iter_samples
 
 log = logging.getLogger(__name__)
 

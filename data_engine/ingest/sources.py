@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from data_engine.ingest.images import clean_caption
-from data_engine.shards import TarEndWatch
+from ramflow_io.shards import TarEndWatch
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _is_local(url: str) -> bool:
 
 
 def _expand_tar_urls(spec: str | Path | Sequence[str | Path]) -> list[str]:
-    from webdataset.shardlists import expand_urls
+    from webdataset.shardlists import expand_urls  # lazy: webdataset, only this source kind
 
     if isinstance(spec, (list, tuple)):
         return [url for item in spec for url in _expand_tar_urls(item)]
@@ -147,7 +147,7 @@ def _iter_tar(url: str) -> Iterator[RawPair]:
     and the sample being read plus the unknowable rest become one ``truncated_shard`` item
     (key: the shard URL) whose detail names the shard and says how many samples came before.
     """
-    import webdataset as wds
+    import webdataset as wds  # lazy: webdataset, only this source kind
 
     try:
         stream = wds.gopen(url)
@@ -305,7 +305,7 @@ def iter_coco(captions_json: str | Path, images_dir: str | Path | None = None) -
 
 
 def _read_table(path: Path):
-    import pandas as pd
+    import pandas as pd  # lazy: pandas, only this source kind
 
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):

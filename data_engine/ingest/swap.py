@@ -26,8 +26,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from data_engine.formats import file_lock, raw_dir
 from data_engine.ingest.writer import LEGACY_PARTS_DIR, PARTS
+from ramflow_io.formats import file_lock, raw_dir
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from data_engine.formats import MANIFEST_COLUMNS, raw_dir, shard_path
+from ramflow_io.formats import MANIFEST_COLUMNS, raw_dir, shard_path
 from data_engine.ingest.config import IngestConfig, SplitCounts
 from data_engine.ingest.images import EncodedImage, ImageRejected, clean_caption, normalize_image, sanitize_key
 from data_engine.ingest.sources import RawPair
-from data_engine.shards import ShardWriter
+from ramflow_io.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 

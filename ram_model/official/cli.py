@@ -7,18 +7,23 @@ import json
 import os
 from pathlib import Path
 
+from ram_model.official.resources import OfficialTagSet, read_lines
+from ram_model.tracking import tracking_uri
+from ramflow_io.formats import model_dir
+from ramflow_io.params import load_params
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    """``--data-root``, else ``paths.data_root`` of the params file (``data`` when unset)."""
+    return Path(args.data_root or (load_params(args.params).get("paths") or {}).get("data_root", "data"))
+
 
 def _default_out(args: argparse.Namespace) -> Path:
-    from data_engine.formats import model_dir
-    from data_engine.params import load_params
-
-    root = args.data_root or (load_params(args.params).get("paths") or {}).get("data_root", "data")
-    return model_dir(root, f"official_{args.arch}")
+    return model_dir(_data_root(args), f"official_{args.arch}")
 
 
 def cmd_import_official(args: argparse.Namespace) -> int:
-    from ram_model.official.importer import OfficialImportConfig, import_official
-    from ram_model.official.resources import OfficialTagSet, read_lines
+    from ram_model.official.importer import OfficialImportConfig, import_official  # lazy: torch + mlflow, CLI start-up
 
     overrides = json.loads(args.overrides) if args.overrides else {}
     if args.text_encoder:
@@ -30,13 +35,9 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     cfg = OfficialImportConfig(checkpoint=Path(args.checkpoint), arch=args.arch, out=Path(args.out or _default_out(args)),
                                model_name=args.model, overrides=overrides, to_registry=args.register,
                                registered_name=args.registered_name)
-    tracking_uri = None
-    if args.register:
-        from orchestration.settings import MlflowSettings, StageEnv
-
-        tracking_uri = StageEnv.from_params(args.params, args.data_root,
-                                            MlflowSettings(tracking_uri=args.tracking_uri)).tracking_uri()
-    model, path = import_official(cfg, tag_set=tag_set, tracking_uri=tracking_uri)
+    # --register: --tracking-uri, else $MLFLOW_TRACKING_URI, else the data root's sqlite store (as training)
+    uri = tracking_uri(_data_root(args), args.tracking_uri) if args.register else None
+    model, path = import_official(cfg, tag_set=tag_set, tracking_uri=uri)
     print(json.dumps({"checkpoint": str(path), "model": model.config.name, "tags": len(model.tag_names),
                       **({"registered": model.registered} if getattr(model, "registered", None) else {})}))
     return 0

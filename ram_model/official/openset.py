@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ram_model.checkpoint import read_checkpoint
 from ram_model.text_encoder import OPEN_CLIP_WEIGHTS_ENV, TextEncoderUnavailable
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ class OpenClipTextTower:
         self._tokenizer = None
 
     def _load(self) -> None:
-        import open_clip
+        import open_clip  # lazy: optional open_clip
 
         model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=str(self.weights))
         self._model = model.eval()
@@ -122,7 +124,7 @@ def build_official_clip_encoder(weights: str | None, config=None) -> OfficialTag
     if not Path(weights).is_file():
         raise TextEncoderUnavailable(f"CLIP text encoder weights not found: {weights}. " + missing_clip_message(config))
     try:
-        import open_clip  # noqa: F401
+        import open_clip  # lazy: optional open_clip  # noqa: F401
     except ImportError:
         raise TextEncoderUnavailable("the open_clip package is not installed (pip install open_clip_torch); "
                                      + missing_clip_message(config)) from None
@@ -176,8 +178,6 @@ class CheckpointTagBank:
     """
 
     def __init__(self, checkpoint: str | Path, fallback=None):
-        from ram_model.checkpoint import read_checkpoint
-
         blob = read_checkpoint(checkpoint)
         names, table = list(blob["tag_names"]), blob["state_dict"]["label_embed"]
         if table.shape[0] != len(names):
@@ -209,8 +209,6 @@ def _bank_key(name: str) -> str:
 
 def build_checkpoint_bank(checkpoint: str, config=None) -> CheckpointTagBank:
     """``checkpoint_tags:<model dir>`` (+ the CLIP encoder of ``$RAMFLOW_OPEN_CLIP_WEIGHTS`` for new names)."""
-    import os
-
     if not checkpoint:
         raise ValueError("checkpoint_tags needs a model folder or file: checkpoint_tags:/path/to/model")
     weights = os.environ.get(OPEN_CLIP_WEIGHTS_ENV)

@@ -55,7 +55,7 @@ class OfficialTagSet:
     def official_tags(self, probs) -> list[str]:
         """Per row of probabilities ``[B, C]``: the official output string "a | b | c" (a tag is kept
         when its probability is strictly above its threshold and it is not deleted)."""
-        import torch
+        import torch  # lazy: torch; resources loads light for the CLI
 
         keep = torch.as_tensor(probs) > torch.tensor(self.thresholds, dtype=torch.float32)
         if self.delete_index:

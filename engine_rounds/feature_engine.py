@@ -23,6 +23,8 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ram_model.feature_head import kfold_indices
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +49,6 @@ def out_of_fold_scores(fit_score: Callable[[np.ndarray, np.ndarray], np.ndarray]
                        seed: int = 0) -> np.ndarray:
     """``[n, C]`` scores where row i comes from ``fit_score(train_idx, score_idx)`` of the fold
     that left image i out. ``fit_score`` trains on ``train_idx`` and returns scores of ``score_idx``."""
-    from ram_model.feature_head import kfold_indices
-
     parts = kfold_indices(n, folds, seed)
     out: np.ndarray | None = None
     for k, held in enumerate(parts):

@@ -12,6 +12,9 @@ picture of kept and removed crops.
 
 :func:`engine_core` does the same from in-memory inputs (model object, sample iterable,
 parsed-label mapping), which is what tests and benchmarks drive with a stand-in model.
+
+This package sits above ``data_engine`` (parsing, label system) and ``ram_model`` (the model,
+training): it is the one place the data side drives the model (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +31,16 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_engine.label_system import LabelSystem
+from data_engine.parsing import CaptionParser, ParseConfig
 from ram_model.checkpoint import load_model
+from ramflow_io.formats import list_shards
+from ramflow_io.params import stage_config
 
-from .cleaning import CleaningResult, clean_tags
+from . import adapt
 from .calibration import Calibration, calibrate, load_calibration
+from .cleaning import CleaningResult, clean_tags
+from .generation import caption_parser
 from .pipeline import Sample, StreamOptions, StreamState, iter_shard_samples, stream_labels
 from .regions import crop_image
 from .report import crop_figure, load_images, load_truth, per_tag_changes, precision_recall, truth_ids, write_json
@@ -397,11 +406,6 @@ def _caption_parser(label_system) -> Callable[[list[str]], list[list[int]]]:
     The parser is configured by the ``parse:`` section of params.yaml, like the parse stage,
     so a generated caption is read exactly as a web caption is.
     """
-    from data_engine.params import stage_config
-    from data_engine.parsing import CaptionParser, ParseConfig
-
-    from .generation import caption_parser
-
     parser = CaptionParser(stage_config(ParseConfig, "parse"), extra_compounds=label_system.compounds())
     return caption_parser(lambda caps: [p.tags for p in parser.parse_batch(caps)], label_system.to_ids)
 
@@ -435,28 +439,21 @@ def run_engine_variants(
     tracking: Mapping[str, Any] | None = None,
 ) -> dict[str, EngineResult]:
     """Like :func:`run_engine` for several configs sharing one pass (ablations)."""
-    from data_engine.formats import list_shards
-    from data_engine.label_system import LabelSystem
-
     shards = list_shards(data_root, split)
     if not shards:
         raise FileNotFoundError(f"no shards for split {split!r} under {data_root}")
     cfgs = list(variants.values())
     calibration = load_calibration(data_root, cfgs[0])
     if calibration is not None:
-        from .adapt import mixed_in
-
         # images the preliminary model trained on (its clean_mix) cannot calibrate its thresholds
-        calibration.exclude = frozenset(mixed_in(Path(model_ckpt), cfgs[0].calibration_split, calibration.labels))
+        calibration.exclude = frozenset(adapt.mixed_in(Path(model_ckpt), cfgs[0].calibration_split, calibration.labels))
     if cfgs[0].adapt_epochs > 0:
         if calibration is None:
             raise FileNotFoundError(f"adapt_epochs > 0 needs the {cfgs[0].calibration_split!r} split and its labels")
-        from .adapt import adapt_model, trained_on
-
-        model_ckpt = adapt_model(Path(model_ckpt), Path(data_root), cfgs[0].calibration_split, cfgs[0].adapt_epochs,
-                                 cfgs[0].adapt_lr, cfgs[0].adapt_holdout,
-                                 Path(next(iter(out_paths.values()))).parent / "engine_model", tracking)
-        calibration.exclude |= frozenset(trained_on(calibration.labels, cfgs[0].adapt_holdout))
+        model_ckpt = adapt.adapt_model(Path(model_ckpt), Path(data_root), cfgs[0].calibration_split,
+                                       cfgs[0].adapt_epochs, cfgs[0].adapt_lr, cfgs[0].adapt_holdout,
+                                       Path(next(iter(out_paths.values()))).parent / "engine_model", tracking)
+        calibration.exclude |= frozenset(adapt.trained_on(calibration.labels, cfgs[0].adapt_holdout))
         calibration.adapted_model = str(model_ckpt)
     model = load_engine_model(model_ckpt, cfgs[0].device)
     label_system = LabelSystem.load(Path(label_system_dir))

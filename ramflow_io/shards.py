@@ -1,7 +1,7 @@
 """Write and read the canonical ``raw/{split}/*.tar`` webdataset shards and the manifest.
 
 Every sample in a shard is three members, ``{key}.jpg`` (RGB JPEG), ``{key}.txt`` (one-line
-UTF-8 caption) and ``{key}.json`` (metadata, see :mod:`data_engine.formats`). Shards are
+UTF-8 caption) and ``{key}.json`` (metadata, see :mod:`ramflow_io.formats`). Shards are
 written deterministically (fixed member order, mtime 0, no owner names), so the same input
 gives byte-identical shards, and atomically (written to ``*.tmp`` then renamed), so a crashed
 job never leaves a half shard that looks complete.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_engine.formats import MANIFEST_COLUMNS, manifest_path
+from ramflow_io.formats import MANIFEST_COLUMNS, manifest_path
 
 IMAGE_EXT = "jpg"
 CAPTION_EXT = "txt"
@@ -161,7 +161,7 @@ def _decode_sample(group: dict[str, Any], decode: bool) -> ShardSample:
         raise ValueError(f"sample {group.get('__key__')!r} in {group.get('__url__')} lacks {missing}")
     image: Any = group[IMAGE_EXT]
     if decode:
-        from PIL import Image
+        from PIL import Image  # lazy: PIL; the shared I/O layer loads light for the CLIs
 
         with Image.open(io.BytesIO(image)) as im:
             image = im.convert("RGB")
@@ -233,7 +233,7 @@ def make_dataset(
     once per epoch: use at most ``len(paths)`` workers per rank. ``image`` is a PIL image when
     ``decode`` (use a ``collate_fn`` or ``batch_size=None``), else JPEG bytes.
     """
-    import webdataset as wds
+    import webdataset as wds  # lazy: webdataset; the shared I/O layer loads light for the CLIs
 
     urls = [str(p) for p in paths]
     if not urls:
@@ -251,7 +251,7 @@ def make_dataset(
 
 def read_manifest(root: str | Path, *, split: str | None = None):
     """``raw/manifest.parquet`` as a pandas DataFrame (optionally one split only)."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas; the shared I/O layer loads light for the CLIs
 
     path = manifest_path(root)
     if not path.exists():

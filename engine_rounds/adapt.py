@@ -26,6 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ram_model.data import is_validation_key
+from ram_model.train_stage import CONFIG_FILE, train_stage
+from ram_model.trainer import TrainStageConfig
+from ramflow_io.formats import labels_path
+
 log = logging.getLogger(__name__)
 
 
@@ -48,10 +53,6 @@ def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: f
     ``tracking``: ``tracking_uri`` / ``experiment`` for the training config and ``parent_run_id``
     for its MLflow run (the orchestrator nests it under the pipeline run, like every stage).
     """
-    from data_engine.formats import labels_path
-    from ram_model.train_stage import CONFIG_FILE, train_stage
-    from ram_model.trainer import TrainStageConfig
-
     tracking = dict(tracking or {})
     parent = tracking.pop("parent_run_id", None)
 
@@ -75,9 +76,6 @@ def mixed_in(model_dir: Path, split: str, keys) -> set[str]:
     The engine must not calibrate on them; with the pipeline's params they are the same keys the
     adaptation trains on (``clean_mix.holdout`` = ``adapt_holdout``), and this makes sure of it.
     """
-    from ram_model.train_stage import CONFIG_FILE
-    from ram_model.trainer import TrainStageConfig
-
     config_file = Path(model_dir) / CONFIG_FILE
     if not config_file.exists():
         return set()
@@ -87,6 +85,4 @@ def mixed_in(model_dir: Path, split: str, keys) -> set[str]:
 
 def trained_on(keys, holdout: float) -> set[str]:
     """The keys the adaptation trained on (not held out; the trainer's own hash)."""
-    from ram_model.data import is_validation_key
-
     return {k for k in keys if not is_validation_key(k, holdout)}

@@ -22,8 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ramflow_io.formats import labels_path, list_shards
+
 from .generation import keep_thresholds, precision_thresholds
 from .pipeline import Sample, iter_shard_samples, score_samples
+
 
 if TYPE_CHECKING:
     from . import EngineConfig
@@ -114,8 +117,6 @@ def calibrate(model, cfg: EngineConfig, thresholds: np.ndarray, names: Sequence[
 
 def load_calibration(data_root: Path, cfg: EngineConfig) -> Calibration | None:
     """The calibration split's images and parsed labels, when generation asks for them and both exist."""
-    from data_engine.formats import labels_path, list_shards
-
     if not (_wants_precision(cfg) or cfg.keep_quantile is not None or cfg.adapt_epochs):
         return None
     shards = list_shards(data_root, cfg.calibration_split)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_engine.formats import TRUTH_FIELD
+from ramflow_io.formats import TRUTH_FIELD
+from ramflow_io.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def load_truth(shards: Iterable[Path], keys: set[str] | None = None) -> dict[str
 
     Samples without a ``truth`` field (web data) are absent from the result.
     """
-    from data_engine.shards import iter_samples
-
     out: dict[str, list[str]] = {}
     for sample in iter_samples(shards, decode=False):
         if keys is not None and sample.key not in keys:
@@ -123,10 +122,10 @@ def crop_figure(
     thumb: int = 72,
 ) -> Path:
     """Grid PNG: one row per tag, ``per_side`` kept crops (left) then removed crops (right)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (Agg set first), only for the figure
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (Agg set first), only for the figure
 
     n_rows = max(1, len(rows))
     n_cols = 2 * per_side
@@ -158,8 +157,6 @@ def crop_figure(
 
 def load_images(shards: Iterable[Path], keys: set[str]) -> dict[str, Image.Image]:
     """Decode only the wanted images (second pass for the crop figure)."""
-    from data_engine.shards import iter_samples
-
     out: dict[str, Image.Image] = {}
     for sample in iter_samples(shards, decode=False):
         if sample.key in keys:

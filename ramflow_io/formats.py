@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,31 @@ def parsed_path(root: str | Path, split: str) -> Path:
 
 def label_system_dir(root: str | Path) -> Path:
     return Path(root) / "label_system"
+
+
+LABEL_SYSTEM_JSON = "label_system.json"
+
+
+def read_label_system_json(path: str | Path) -> dict:
+    """The payload of a saved ``label_system.json`` (``version, default_threshold, labels``; each
+    label a dict ``id, name, category, synonyms, threshold, source, freq``), with the ids checked
+    to be ``0..n-1`` in order. ``path`` is the file or the folder holding it. The builder
+    (``data_engine.label_system``) writes this file; training reads tag names from it here, so
+    the model side needs no import of the data engine."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LABEL_SYSTEM_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"no label system at {path}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if [lab["id"] for lab in data["labels"]] != list(range(len(data["labels"]))):
+        raise ValueError(f"{path}: label ids must be 0..n-1 in order")
+    return data
+
+
+def label_names(path: str | Path) -> list[str]:
+    """Tag names in id order (the model's output order) of a saved label system."""
+    return [lab["name"] for lab in read_label_system_json(path)["labels"]]
 
 
 def labels_path(root: str | Path, split: str) -> Path:

@@ -33,9 +33,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ramflow_io.shards import iter_samples
+
 from .cleaning import CropStore
 from .generation import GeneratedLabels, flag_low_scores, generate_labels
 from .regions import attention_to_box, crop_image, to_tensor
+
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +79,9 @@ class StreamState:
 def iter_shard_samples(shards: Iterable[Path], skipped: Counter) -> Iterator[Sample]:
     """Decode the image of each sample in the shards (the engine uses no caption or metadata).
 
-    Reads with the shared reader (:func:`data_engine.shards.iter_samples`); undecodable
+    Reads with the shared reader (:func:`ramflow_io.shards.iter_samples`); undecodable
     images are skipped and counted (``bad_image``).
     """
-    from data_engine.shards import iter_samples
-
     for sample in iter_samples(shards, decode=False):
         try:
             with Image.open(io.BytesIO(sample.image)) as im:
