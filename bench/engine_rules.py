@@ -43,7 +43,8 @@ from engine_rounds.generation import keep_thresholds, precision_thresholds  # no
 from engine_rounds.pipeline import iter_shard_samples, score_samples  # noqa: E402
 from engine_rounds.report import load_truth, truth_ids  # noqa: E402
 from data_engine.label_system import LabelSystem  # noqa: E402
-from ramflow_io.params import load_params, stage_config  # noqa: E402
+from orchestration.pipeline import ENGINE_STAGES, stage_spec  # noqa: E402
+from orchestration.stages import engine_round_config  # noqa: E402
 
 log = logging.getLogger("engine_rules")
 
@@ -86,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results/engine_rules"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    over = (load_params(args.params).get(args.section) or {}) if args.section != "engine" else {}
-    cfg = stage_config(EngineConfig, "engine", args.params, **over)
+    # the round whose last params section is --section, configured by the pipeline's own merge rule
+    rounds = {stage_spec(s).params[-1]: s for s in ENGINE_STAGES}
+    if args.section not in rounds:
+        ap.error(f"--section must be one of {', '.join(rounds)}")
+    cfg: EngineConfig = engine_round_config(args.params, rounds[args.section])
     start = time.perf_counter()
 
     system = LabelSystem.load(formats.label_system_dir(args.root))

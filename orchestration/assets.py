@@ -18,11 +18,10 @@ from pydantic import Field
 
 from .checks import CHECKED_STAGES, CheckOutcome, run_checks
 from .model_registry import pipeline_run_for_tag
-from .pipeline import STAGES, StageSpec, report_path
+from .pipeline import MODEL_STAGES, STAGES, StageSpec, report_path
 from .resources import MlflowResource, RamflowStorage, TrainingLauncher, stage_env
 
 GROUP = "ramflow"
-_MODEL_STAGES = {"preliminary_model", "retrained_model", "refined_model", "finetuned_model"}
 _MAX_INLINE_PNG = 2_000_000  # bytes; bigger plots are shown by path
 
 
@@ -89,15 +88,15 @@ def _make_asset(spec: StageSpec, partitions_def: dg.PartitionsDefinition | None)
         description=spec.description,
         kinds={"python"},
         tags={"ramflow/params": ".".join(spec.params)},
+        metadata={"function": spec.function, "params_sections": ", ".join(spec.params),
+                  "outputs": ", ".join(spec.outs)},
     )
     def _asset(context: dg.AssetExecutionContext, config: StageRunConfig, storage: RamflowStorage,
                mlflow: MlflowResource, launcher: TrainingLauncher) -> dg.MaterializeResult:
-        from .stages import run_stage
-
         if config.params_path:
             storage = RamflowStorage(params_path=config.params_path, data_root=storage.data_root)
         env = stage_env(storage, mlflow, launcher)
-        if spec.name in _MODEL_STAGES and not env.mlflow.parent_run_id:
+        if spec.name in MODEL_STAGES and not env.mlflow.parent_run_id:
             # one MLflow pipeline run per Dagster run or backfill: the parent of its training runs
             # (a backfill's runs share its id, so all its training runs share one parent)
             backfill = context.run.tags.get("dagster/backfill")
@@ -105,6 +104,8 @@ def _make_asset(spec: StageSpec, partitions_def: dg.PartitionsDefinition | None)
                       else pipeline_run_for_tag(env, "dagster.run_id", context.run_id))
             env = dataclasses.replace(env, mlflow=dataclasses.replace(env.mlflow, parent_run_id=parent))
         keys = list(context.partition_keys) if spec.partitioned else None
+        from .stages import run_stage  # lazy: Dagster loads the definitions without torch / mlflow (~6 s)
+
         outcome = run_stage(spec.name, env, keys, _overrides(config))
         context.log.info("%s: %s", spec.name, json.dumps(outcome.metrics, default=str)[:2000])
         return dg.MaterializeResult(metadata=outcome_metadata(outcome, env.data_root))

@@ -13,7 +13,7 @@ import sys
 
 # Modules that contribute subcommands, in the order they appear in --help.
 _COMMAND_MODULES = ("data_engine.corpus.cli", "data_engine.cli", "data_engine.parse_cli", "ram_model.cli",
-                    "ram_model.official.cli", "orchestration.stage_cli")
+                    "ram_model.official.cli", "orchestration.train_cli", "orchestration.stage_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,17 +11,23 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from data_engine.ingest import IngestSummary
 
-# stages that skip work whose inputs are unchanged, and take ``force`` to redo it
-FORCEABLE = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model", "registered_model")
+from . import dvc_yaml
+from .checks import run_checks
+from .model_registry import end_pipeline_run, start_pipeline_run
+from .partitions import shard_keys
+from .pipeline import FORCEABLE, STAGES, format_stage_times, report_path, stage_seconds
+from .settings import LauncherSettings, MlflowSettings, StageEnv, validate_params
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .pipeline import STAGE_NAMES
-
-    p = subparsers.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
-    p.add_argument("name", choices=STAGE_NAMES)
+    p = subparsers.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)",
+                              epilog="stages (orchestration/pipeline.py): " + "; ".join(
+                                  f"{s.name}: {s.description}" for s in STAGES))
+    p.add_argument("name", choices=[s.name for s in STAGES])
     _common(p)
     p.add_argument("--keys", default="", help="comma-separated shard partitions (partitioned stages; default all)")
     p.add_argument("--no-checks", action="store_true", help="skip the stage's blocking quality gates")
@@ -36,27 +42,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Dagster instance folder (default: $DAGSTER_HOME, else ./.dagster_home)")
     r.set_defaults(func=_cmd_run)
 
+    dvc_yaml.register(subparsers)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default=None, help="params file (default: $RAMFLOW_PARAMS or params.yaml)")
     p.add_argument("--data-root", default=None, help="override paths.data_root")
     p.add_argument("--launcher", choices=("torch", "deepspeed"), default=os.environ.get("RAMFLOW_LAUNCHER") or None,
-                   help="default: each training section's engine in params; set: must agree with it")
+                   help="default: each training section's backend in params; set: must agree with it")
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed worker processes")
     p.add_argument("--tracking-uri", default=os.environ.get("RAMFLOW_MLFLOW_URI") or None,
                    help="MLflow tracking uri (default sqlite:///{data_root}/mlflow/mlflow.db)")
 
 
 def _env(args):
-    from .settings import LauncherSettings, MlflowSettings, StageEnv
-
     return StageEnv.from_params(args.params, args.data_root, MlflowSettings(tracking_uri=args.tracking_uri),
                                 LauncherSettings(mode=args.launcher, nproc=args.nproc))
 
 
 def _cmd_stage(args) -> int:
-    from .checks import run_checks
-    from .stages import run_stage
+    from .stages import run_stage  # lazy: torch + mlflow, CLI start-up
 
     env = _env(args)
     keys = [k for k in args.keys.split(",") if k] or None
@@ -89,13 +94,10 @@ def run_pipeline(params: str | os.PathLike | None = None, data_root: str | None 
                  instance=None, raise_on_error: bool = True):
     """Materialize every asset (all shard partitions in one run) under a fresh MLflow
     pipeline run; returns ``(ExecuteInProcessResult, pipeline_run_id)``."""
-    import dagster as dg
+    import dagster as dg  # lazy: dagster, CLI start-up
 
-    from .definitions import JOB_NAME, build_definitions
-    from .model_registry import end_pipeline_run, start_pipeline_run
-    from .partitions import shard_keys
-    from .resources import MlflowResource, RamflowStorage, TrainingLauncher
-    from .settings import LauncherSettings, MlflowSettings, StageEnv, validate_params
+    from .definitions import JOB_NAME, build_definitions  # lazy: dagster, CLI start-up
+    from .resources import MlflowResource, RamflowStorage, TrainingLauncher  # lazy: dagster, CLI start-up
 
     env = StageEnv.from_params(params, data_root, MlflowSettings(tracking_uri=tracking_uri),
                                LauncherSettings(mode=launcher, nproc=nproc))
@@ -133,9 +135,7 @@ def engine_labels_line(report: Path) -> str | None:
 
 def run_stage_times(run_id: str, wall: float, instance=None) -> str:
     """Each stage's seconds in Dagster run ``run_id`` (its step events) and the run's wall time."""
-    import dagster as dg
-
-    from .pipeline import format_stage_times, stage_seconds
+    import dagster as dg  # lazy: dagster, CLI start-up
 
     instance = instance or dg.DagsterInstance.get()
     events = [(e.step_key, e.dagster_event.event_type_value, e.timestamp) for e in instance.all_logs(run_id)
@@ -144,8 +144,6 @@ def run_stage_times(run_id: str, wall: float, instance=None) -> str:
 
 
 def _cmd_run(args) -> int:
-    from .pipeline import report_path
-
     ensure_dagster_home(args.dagster_home)
     start = time.perf_counter()
     result, parent, env = run_pipeline(args.params, args.data_root, args.launcher, args.nproc,
@@ -153,8 +151,6 @@ def _cmd_run(args) -> int:
     wall = time.perf_counter() - start
     raw = report_path(env.data_root, "raw_pairs")
     if raw.exists():
-        from data_engine.ingest import IngestSummary
-
         print(IngestSummary.model_validate(json.loads(raw.read_text())["details"]["summary"]).format(), "\n")
     for stage in ("engine_cleaned_data", "engine_refined_data"):
         line = engine_labels_line(report_path(env.data_root, stage))

@@ -19,14 +19,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_engine.coco_source import CocoSourceConfig, ingest_coco_source
+from data_engine.corpus.config import CorpusConfig
+from data_engine.ingest.config import IngestConfig
+from data_engine.ingest.pipeline import (ingest_embedded, ingest_embedded_shard, measure_written_noise,
+                                         merge_manifests)
+from data_engine.ingest.writer import part_paths
+from data_engine.label_system import LabelSystemConfig, assign_label_ids, build_label_system
+from data_engine.parsing import ParseConfig, parse_split
+from engine_rounds import EngineConfig, run_engine
+from ram_model import train_stage as ts
+from ram_model.checkpoint import file_sha256
+from ram_model.evaluate import EvaluationConfig, evaluate_checkpoint
+from ram_model.serving import log_pyfunc
+from ram_model.train_stage import RESULT_FILE, TrainStageConfig
 from ramflow_io import formats
 from ramflow_io.params import load_params, stage_config
 
 from .model_registry import pipeline_run_id, register_and_gate, registration_fingerprint, write_json
 from .partitions import group_by_split, shard_key, shard_keys
-from .pipeline import STAGE_NAMES, plots_dir, report_path, stage_spec
+from .pipeline import FORCEABLE, MODEL_STAGES, STAGE_NAMES, code_paths, plots_dir, report_path, stage_spec
+from .plots import metrics_bars, top_ap_bars
 from .settings import StageEnv, registry_config, training_backend
 
 log = logging.getLogger(__name__)
@@ -86,12 +105,6 @@ def _lock(env: StageEnv, name: str) -> contextlib.AbstractContextManager[None]:
 def run_raw_pairs(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
     """Embedded corpus (or the ``source:`` dataset) -> shards. ``keys``: shard partitions to
     (re)write, None = all; a ``coco`` source always writes every split."""
-    from data_engine.coco_source import CocoSourceConfig, ingest_coco_source
-    from data_engine.corpus.config import CorpusConfig
-    from data_engine.ingest.config import IngestConfig
-    from data_engine.ingest.pipeline import (ingest_embedded, ingest_embedded_shard, measure_written_noise,
-                                             merge_manifests)
-
     corpus_cfg = _cfg(CorpusConfig, "corpus", env, (overrides or {}).get("corpus"))
     cfg = _cfg(IngestConfig, "ingest", env, (overrides or {}).get("ingest"))
     all_keys = shard_keys(env.params_path)
@@ -120,9 +133,6 @@ def run_raw_pairs(env: StageEnv, keys: list[str] | None = None, overrides: dict 
 
 def _merge_parsed(env: StageEnv, split: str) -> int:
     """Concatenate the per-shard parse parts of ``split`` into ``parsed/{split}.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     parts = sorted((env.data_root / "parsed" / "parts").glob(f"{split}-*.parquet"))
     shards = {p.stem for p in formats.list_shards(env.data_root, split)}
     parts = [p for p in parts if p.stem in shards]
@@ -135,18 +145,13 @@ def _merge_parsed(env: StageEnv, split: str) -> int:
 def _write_parts_from_split(env: StageEnv, split: str) -> None:
     """Cut ``parsed/{split}.parquet`` into per-shard parts (keys of each shard from its raw
     manifest part), so a later single-partition run can re-merge the split."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from data_engine.ingest.writer import part_paths
-
     parts = env.data_root / "parsed" / "parts"
     for old in parts.glob(f"{split}-*.parquet"):
         old.unlink()
     table = pq.read_table(formats.parsed_path(env.data_root, split))
     for shard in formats.list_shards(env.data_root, split):
         index = int(shard.stem.rsplit("-", 1)[1])
-        keys = pq.read_table(part_paths(env.data_root, split, index)[0], columns=["key"]).column("key")
+        keys = pq.read_table(part_paths(env.data_root, split, index).rows, columns=["key"]).column("key")
         pq.write_table(table.filter(pc.is_in(table.column("key"), value_set=keys)),
                        parts / f"{shard_key(split, index)}.parquet")
 
@@ -155,8 +160,6 @@ def run_parsed_tags(env: StageEnv, keys: list[str] | None = None, overrides: dic
     """Captions -> tags, per split. A run holding every shard of a split parses it in one call
     (one parser load) and also keeps per-shard parts; a run holding some shards of a split
     parses those into parts and re-merges ``parsed/{split}.parquet`` from all parts."""
-    from data_engine.parsing import ParseConfig, parse_split
-
     cfg = _cfg(ParseConfig, "parse", env, overrides)
     summaries: dict[str, Any] = {}
     parts = env.data_root / "parsed" / "parts"
@@ -187,8 +190,6 @@ def run_parsed_tags(env: StageEnv, keys: list[str] | None = None, overrides: dic
 
 
 def run_label_system(env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
-    from data_engine.label_system import LabelSystemConfig, assign_label_ids, build_label_system
-
     cfg = _cfg(LabelSystemConfig, "label_system", env, overrides)
     parsed = [formats.parsed_path(env.data_root, s) for s in formats.SPLITS
               if formats.parsed_path(env.data_root, s).exists()]
@@ -208,29 +209,50 @@ def run_label_system(env: StageEnv, keys: list[str] | None = None, overrides: di
 # --------------------------------------------------------------------------- model stages
 
 
-_TRAIN_INPUTS: dict[str, Callable[[Path], tuple[Path, str | None, str]]] = {
-    # stage -> (labels file, stage whose model initialises it, split it trains on)
-    "preliminary_model": lambda root: (formats.labels_path(root, "pretrain"), None, "pretrain"),
-    "retrained_model": lambda root: (formats.engine_labels_path(root, "pretrain"), None, "pretrain"),
-    "refined_model": lambda root: (formats.engine_labels_path(root, "pretrain", "engine_refined"), None, "pretrain"),
-    "finetuned_model": lambda root: (formats.labels_path(root, "finetune"), "refined_model", "finetune"),
+class TrainInputs(NamedTuple):
+    """What a training stage reads below the data root."""
+
+    labels: Path              # label table it trains on
+    init_stage: str | None    # stage whose model initialises it (None: from scratch)
+    split: str                # split it trains on
+
+
+# the one place the training stages' inputs are wired (``ramflow stage`` and ``ramflow train`` read it)
+_TRAIN_INPUTS: dict[str, Callable[[Path], TrainInputs]] = {
+    "preliminary_model": lambda root: TrainInputs(formats.labels_path(root, "pretrain"), None, "pretrain"),
+    "retrained_model": lambda root: TrainInputs(formats.engine_labels_path(root, "pretrain"), None, "pretrain"),
+    "refined_model": lambda root: TrainInputs(formats.engine_labels_path(root, "pretrain", "engine_refined"), None,
+                                              "pretrain"),
+    "finetuned_model": lambda root: TrainInputs(formats.labels_path(root, "finetune"), "refined_model", "finetune"),
 }
 
-_ENGINE_ROUNDS: dict[str, tuple[str, str, str | None]] = {
-    # stage -> (stage whose model tags the split, folder of its labels, params section over ``engine:``);
-    # both rounds start from the parsed labels
-    "engine_cleaned_data": ("preliminary_model", "engine", None),
-    "engine_refined_data": ("retrained_model", "engine_refined", "engine_refined"),
+
+def train_inputs(stage: str, data_root: Path) -> TrainInputs:
+    """What training stage ``stage`` reads below ``data_root`` (as the pipeline wires it)."""
+    if stage not in _TRAIN_INPUTS:
+        raise KeyError(f"{stage!r} is not a training stage; training stages: {', '.join(MODEL_STAGES)}")
+    return _TRAIN_INPUTS[stage](Path(data_root))
+
+
+class EngineRound(NamedTuple):
+    """One data-engine round (both rounds start from the parsed labels; its params sections, in
+    merge order, are the stage table's ``params``)."""
+
+    model_stage: str            # stage whose model tags the split
+    labels_dir: str             # folder of its labels (``formats.engine_labels_path``)
+
+
+_ENGINE_ROUNDS: dict[str, EngineRound] = {
+    "engine_cleaned_data": EngineRound("preliminary_model", "engine"),
+    "engine_refined_data": EngineRound("retrained_model", "engine_refined"),
 }
 
 
 def _train(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
-    from ram_model.train_stage import TrainStageConfig
-
     cfg = _cfg(TrainStageConfig, stage, env, overrides)
-    training_backend(stage, cfg.engine, env.launcher)  # params decide the backend; a launcher disagreeing fails
+    training_backend(stage, cfg.backend, env.launcher)  # params decide the backend; a launcher disagreeing fails
     # runs go to this pipeline's tracking store
-    labels, init_stage, split = _TRAIN_INPUTS[stage](env.data_root)
+    labels, init_stage, split = train_inputs(stage, env.data_root)
     update = {"tracking_uri": env.tracking_uri(), "experiment": env.mlflow.experiment}
     if "splits" not in (load_params(env.params_path).get(stage) or {}) and "splits" not in (overrides or {}):
         update["splits"] = [split]  # the data flow decides the split unless params say otherwise
@@ -248,9 +270,7 @@ def _train(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
 
 def _launch_training(env: StageEnv, cfg, out_dir: Path, labels: Path, init_from: Path | None, parent: str):
     """In-process torch, or DeepSpeed workers through the training package's torchrun launcher."""
-    from ram_model import train_stage as ts
-
-    if cfg.engine == "deepspeed":
+    if cfg.backend == "deepspeed":
         return ts.launch_train_stage(cfg, env.data_root, out_dir, labels, init_from, parent,
                                      nproc=env.launcher.nproc, timeout_s=env.launcher.timeout_s)
     return ts.train_stage(cfg, env.data_root, out_dir, labels, init_from, parent)
@@ -283,7 +303,6 @@ def run_refined_model(env, keys=None, overrides=None) -> StageOutcome:
 
 def run_finetuned_model(env, keys=None, overrides=None) -> StageOutcome:
     outcome = _train("finetuned_model", env, overrides)
-    from ram_model.serving import log_pyfunc
 
     model_dir = formats.model_dir(env.data_root, "finetuned_model")
     logged = _logged_model(model_dir, outcome)
@@ -311,23 +330,27 @@ def run_engine_refined_data(env: StageEnv, keys=None, overrides=None) -> StageOu
     return _engine_round("engine_refined_data", env, overrides)
 
 
-def engine_config(stage: str, env: StageEnv, overrides: dict | None = None):
-    """The ``EngineConfig`` of an engine round: ``engine:``, then the round's own section over it
-    (``_ENGINE_ROUNDS``; second round: ``engine_refined:``), then ``overrides``. One section holds
-    what both rounds share."""
-    from engine_rounds import EngineConfig
+def engine_round_config(params_path: str | Path | None, stage: str, overrides: dict | None = None) -> EngineConfig:
+    """The ``EngineConfig`` of engine round ``stage``: its first params section (``engine:``, what
+    both rounds share), each later one of the stage table merged over it (second round:
+    ``engine_refined:``), then ``overrides``. The one merge rule (bench/engine_rules.py uses it too)."""
+    first, *over = stage_spec(stage).params
+    params = load_params(params_path)
+    merged: dict[str, Any] = {}
+    for section in over:
+        merged.update(params.get(section) or {})
+    return stage_config(EngineConfig, first, params_path, **{**merged, **(overrides or {})})
 
-    over = _ENGINE_ROUNDS[stage][2]
-    section = (load_params(env.params_path).get(over) or {}) if over else {}
-    return _cfg(EngineConfig, "engine", env, {**section, **(overrides or {})})
+
+def engine_config(stage: str, env: StageEnv, overrides: dict | None = None) -> EngineConfig:
+    """:func:`engine_round_config` of the environment's params file."""
+    return engine_round_config(env.params_path, stage, overrides)
 
 
 def _engine_round(stage: str, env: StageEnv, overrides: dict | None) -> StageOutcome:
     """One engine pass over the pretrain split's parsed labels with the model of ``_ENGINE_ROUNDS[stage]``."""
-    from engine_rounds import run_engine
-
     cfg = engine_config(stage, env, overrides)
-    model_stage, round_dir, _ = _ENGINE_ROUNDS[stage]
+    model_stage, round_dir = _ENGINE_ROUNDS[stage].model_stage, _ENGINE_ROUNDS[stage].labels_dir
     report_dir = plots_dir(env.data_root, stage)
     shutil.rmtree(report_dir, ignore_errors=True)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -342,12 +365,10 @@ def _engine_round(stage: str, env: StageEnv, overrides: dict | None) -> StageOut
     data = _jsonable(result)
     _flat("", {k: v for k, v in data.items() if k not in ("artifacts", "out_path")}, metrics)
     if result.metrics:  # label quality per engine step against the corpus truth
-        from .plots import metrics_bars
 
         metrics_bars(result.metrics, ["precision", "recall", "f1"], report_dir / "steps_vs_truth.png",
                      "engine labels vs truth, per step")
     plots = [str(p) for p in sorted(report_dir.glob("*.png"))]
-    from ram_model.train_stage import RESULT_FILE
 
     run_id = None  # the adapted engine model's MLflow run, when the engine fine-tuned one
     adapted = result.generation.get("adapted_model")
@@ -359,7 +380,6 @@ def _engine_round(stage: str, env: StageEnv, overrides: dict | None) -> StageOut
 # --------------------------------------------------------------------------- evaluation and registry
 
 
-_EVAL_MODELS = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
 _TABLE_METRICS = ("mAP", "micro_precision", "micro_recall", "micro_f1", "macro_f1")
 
 
@@ -375,10 +395,6 @@ def evaluation_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def run_evaluation_report(env: StageEnv, keys=None, overrides=None) -> StageOutcome:
     """Evaluate the pipeline's models on the test split against the corpus truth tags."""
-    from ram_model.evaluate import EvaluationConfig, evaluate_checkpoint
-
-    from .plots import metrics_bars, top_ap_bars
-
     cfg = _cfg(EvaluationConfig, "evaluation", env, overrides)
     out_dir = env.data_root / "evaluation"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -386,7 +402,7 @@ def run_evaluation_report(env: StageEnv, keys=None, overrides=None) -> StageOutc
     if not shards:
         raise FileNotFoundError(f"no {cfg.split} shards under {env.data_root}/raw")
     results, rows = {}, {}
-    for name in _EVAL_MODELS:
+    for name in MODEL_STAGES:
         res = evaluate_checkpoint(formats.model_dir(env.data_root, name), shards, cfg, out_dir / f"{name}.json")
         results[name] = res
         row = {k: v for k, v in res["all"].items() if k != "per_class_ap"}
@@ -402,7 +418,7 @@ def run_evaluation_report(env: StageEnv, keys=None, overrides=None) -> StageOutc
              str(top_ap_bars(results["finetuned_model"]["all"]["per_class_ap"], pdir / "finetuned_ap.png",
                              "fine-tuned model: per-tag AP (best and worst)"))]
     metrics = {k: v for k, v in rows["finetuned_model"].items() if isinstance(v, (int, float))}
-    for name in _EVAL_MODELS[:-1]:
+    for name in MODEL_STAGES[:-1]:
         metrics[f"{name}/mAP"] = rows[name]["mAP"]
     log.info("evaluation (%s split):\n%s", cfg.split, table)
     return StageOutcome("evaluation_report", metrics, {"table_md": table, "models": rows,
@@ -417,7 +433,6 @@ def run_registered_model(env: StageEnv, keys=None, overrides=None) -> StageOutco
     model = json.loads((formats.model_dir(env.data_root, "finetuned_model") / "mlflow_model.json").read_text())
     evaluation = json.loads(report_path(env.data_root, "evaluation_report").read_text())
     value = float(evaluation["metrics"][cfg.metric])
-    from ram_model.checkpoint import file_sha256
 
     fingerprint = registration_fingerprint(file_sha256(formats.model_dir(env.data_root, "finetuned_model")),
                                            cfg.metric, value, evaluation["metrics"])
@@ -435,22 +450,13 @@ def run_registered_model(env: StageEnv, keys=None, overrides=None) -> StageOutco
 # Stages whose finished outputs are reused when nothing they read changed (:func:`run_stage`).
 # The training stages and registered_model decide that themselves (train_result.json fingerprint,
 # registry fingerprint), since MLflow holds part of their state.
-SKIPPABLE = ("raw_pairs", "parsed_tags", "label_system", "engine_cleaned_data", "engine_refined_data",
-             "evaluation_report")
-_CODE_PACKAGES = ("data_engine", "ram_model", "orchestration")
+SKIPPABLE = tuple(name for name in STAGE_NAMES if name not in FORCEABLE)
 
 
 def _code_deps(name: str, base: Path) -> tuple[str, ...]:
-    """The code a stage depends on: its ``dvc.yaml`` deps outside the data root (the rule DVC
-    reruns it by), or all three packages when there is no dvc.yaml beside them."""
-    import yaml
-
-    try:
-        stages = yaml.safe_load((base / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-        deps = tuple(d for d in stages[name]["deps"] if isinstance(d, str) and not d.startswith("${"))
-    except (OSError, KeyError, TypeError, ValueError):
-        return _CODE_PACKAGES
-    return deps or _CODE_PACKAGES
+    """The code a stage depends on: the stage table's code of ``name`` (dvc.yaml's code deps,
+    the rule DVC reruns it by) as paths below ``base``."""
+    return code_paths(stage_spec(name), base)
 
 
 @functools.lru_cache(maxsize=None)
@@ -530,8 +536,6 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- dispatch
 
-RUNNERS: dict[str, Callable[..., StageOutcome]] = {name: globals()[f"run_{name}"] for name in STAGE_NAMES}
-
 
 def run_stage(name: str, env: StageEnv, keys: list[str] | None = None, overrides: dict | None = None) -> StageOutcome:
     """Run one stage and write ``reports/{name}.json`` (what DVC reads as metrics).
@@ -541,8 +545,7 @@ def run_stage(name: str, env: StageEnv, keys: list[str] | None = None, overrides
     time, while a :data:`SKIPPABLE` stage whose report matches its current inputs and outputs
     (:func:`stage_fingerprints`) is not run again: a rerun continues from the last finished stage.
     """
-    if name not in RUNNERS:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    spec = stage_spec(name)  # KeyError naming the stages for an unknown name
     env.data_root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     fingerprints = stage_fingerprints(name, env, keys) if not overrides else None
@@ -553,7 +556,7 @@ def run_stage(name: str, env: StageEnv, keys: list[str] | None = None, overrides
         return done
     report_file = report_path(env.data_root, name)
     report_file.unlink(missing_ok=True)  # no report while the stage's outputs are being (re)written
-    outcome = RUNNERS[name](env, keys, overrides)
+    outcome = spec.runner()(env, keys, overrides)  # the stage table's function
     outcome.seconds = time.perf_counter() - start
     report = outcome.to_dict()
     if name == "registered_model":
@@ -566,4 +569,4 @@ def run_stage(name: str, env: StageEnv, keys: list[str] | None = None, overrides
     return outcome
 
 
-__all__ = ["StageOutcome", "run_stage", "RUNNERS", "shard_keys"]
+__all__ = ["StageOutcome", "run_stage", "train_inputs", "engine_round_config", "shard_keys"]

@@ -10,13 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+from ram_model.registry import MODEL_CONFIGS, count_parameters, list_models
+from ramflow_io.formats import list_shards, model_dir
+from ramflow_io.params import given, load_params, stage_config
+
 DEFAULT_STAGE = "finetuned_model"
 
 
 def _default_checkpoint() -> Path:
-    from ramflow_io.formats import model_dir
-    from ramflow_io.params import load_params
-
     root = (load_params().get("paths") or {}).get("data_root", "data")
     return model_dir(root, DEFAULT_STAGE)
 
@@ -30,8 +31,6 @@ def _read_tag_file(path: str) -> list[str]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ram_model.registry import MODEL_CONFIGS, count_parameters, list_models
-
     print(f"{'name':<18} {'backbone':<34} {'size':>5} {'params':>14} {'trainable':>14}")
     for name in list_models():
         cfg = MODEL_CONFIGS[name]
@@ -45,7 +44,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _tagger(args: argparse.Namespace):
-    from ram_model.inference import Tagger
+    from ram_model.inference import Tagger  # lazy: torch, CLI start-up
 
     path = Path(args.checkpoint) if args.checkpoint else _default_checkpoint()
     if not path.exists():
@@ -74,9 +73,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ramflow_io.formats import list_shards
-    from ramflow_io.params import given, load_params, stage_config
-    from ram_model.evaluate import EvaluationConfig, calibrate_checkpoint, evaluate_checkpoint
+    from ram_model.evaluate import EvaluationConfig, calibrate_checkpoint, evaluate_checkpoint  # lazy: torch, CLI start-up
 
     cfg = stage_config(EvaluationConfig, "evaluation", args.params,
                        **given(split=args.split, threshold=args.threshold, max_samples=args.max_samples,
@@ -106,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ram_model.serving import ServingConfig, serve
+    from ram_model.serving import ServingConfig, serve  # lazy: torch + mlflow, CLI start-up
 
     overrides = {"max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
                  "max_image_pixels": args.max_pixels, "batch_size": args.batch_size,
@@ -170,10 +167,6 @@ def register(subparsers) -> None:
                    help="send every request through MLflow's pandas path (default: well-formed JSON skips it)")
     p.set_defaults(func=cmd_serve)
 
-    from ram_model.train_cli import register as register_train  # `ramflow train` (training package)
-
-    register_train(subparsers)
-
-    from ram_model.onnx_export import register as register_onnx  # `ramflow export-onnx`
+    from ram_model.onnx_export import register as register_onnx  # lazy: torch; `ramflow export-onnx`
 
     register_onnx(subparsers)

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from orchestration.pipeline import code_packages
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "orchestration" / "profiles" / "tiny.yaml"
 
@@ -48,7 +50,7 @@ def make_dvc_repo(dst: Path, **sections: dict) -> Path:
     shutil.copy2(REPO / ".dvc" / "config", dst / ".dvc" / "config")
     shutil.copy2(REPO / ".dvc" / ".gitignore", dst / ".dvc" / ".gitignore")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for pkg in ("data_engine", "ram_model", "orchestration"):
+    for pkg in code_packages():  # every package a stage's dvc.yaml code deps name (the stage table)
         shutil.copytree(REPO / pkg, dst / pkg, ignore=ignore)
     params = yaml.safe_load(TINY.read_text(encoding="utf-8"))
     params["paths"]["data_root"] = "data"

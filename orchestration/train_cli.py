@@ -1,4 +1,10 @@
-"""``ramflow train STAGE``: run one training stage from params.yaml, in process or via torchrun."""
+"""``ramflow train STAGE``: one training stage with its inputs changeable (labels, start model,
+output folder, workers), in process or via torchrun.
+
+The stage's default inputs are the pipeline's own wiring (:func:`.stages.train_inputs`, the one
+place it is written); ``ramflow stage STAGE`` runs the same stage exactly as Dagster and DVC do
+(report, MLflow pipeline run, skip when unchanged), this command is for trying a variant of it.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-TRAIN_STAGES = ("preliminary_model", "retrained_model", "refined_model", "finetuned_model")
+from ramflow_io import formats
+from ramflow_io.params import load_params, stage_config
 
-
-def default_inputs(stage: str, data_root: Path) -> tuple[list[Path], Path | None]:
-    """(label files, init checkpoint) a stage reads by default (as the pipeline wires them)."""
-    from ramflow_io import formats
-
-    if stage == "preliminary_model":
-        return [formats.labels_path(data_root, "pretrain")], None
-    if stage == "retrained_model":
-        return [formats.engine_labels_path(data_root, "pretrain")], None
-    if stage == "refined_model":
-        return [formats.engine_labels_path(data_root, "pretrain", "engine_refined")], None
-    return [formats.labels_path(data_root, "finetune")], formats.model_dir(data_root, "refined_model")
+from .pipeline import MODEL_STAGES
 
 
 def _value(text: str):
@@ -29,17 +25,23 @@ def _value(text: str):
         return text
 
 
+def default_inputs(stage: str, data_root: Path) -> tuple[list[Path], Path | None]:
+    """(label files, init model folder) ``stage`` reads by default, from :func:`.stages.train_inputs`."""
+    from .stages import train_inputs  # lazy: torch + mlflow, CLI start-up
+
+    wired = train_inputs(stage, data_root)
+    return [wired.labels], formats.model_dir(data_root, wired.init_stage) if wired.init_stage else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from ramflow_io import formats
-    from ramflow_io.params import load_params, stage_config
-    from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage
+    from ram_model.train_stage import TrainStageConfig, launch_train_stage, train_stage  # lazy: torch, CLI start-up
 
     params = load_params(args.params)
     data_root = Path(args.data_root or (params.get("paths") or {}).get("data_root", "data"))
     overrides = dict(kv.split("=", 1) for kv in args.set or [])
     overrides = {k: _value(v) for k, v in overrides.items()}
-    if args.engine:
-        overrides["engine"] = args.engine
+    if args.backend:
+        overrides["backend"] = args.backend
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
     cfg = stage_config(TrainStageConfig, args.stage, args.params, **overrides)
@@ -60,12 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train one model stage (preliminary / retrained / fine-tuned)")
-    p.add_argument("stage", choices=TRAIN_STAGES)
+    p = subparsers.add_parser("train", help="train one model stage with changeable inputs (ramflow stage: as the "
+                                            "pipeline runs it)")
+    p.add_argument("stage", choices=MODEL_STAGES)
     p.add_argument("--params", help="params.yaml (default: $RAMFLOW_PARAMS or ./params.yaml)")
     p.add_argument("--data-root", help="overrides paths.data_root")
-    p.add_argument("--engine", choices=("torch", "deepspeed"),
-                   help="training backend (default: the stage's engine in params; this flag overrides it)")
+    p.add_argument("--backend", choices=("torch", "deepspeed"),
+                   help="training backend (default: the stage's backend in params; this flag overrides it)")
     p.add_argument("--nproc", type=int, default=1, help="worker processes (>1: torchrun launcher)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--labels", nargs="+", help="label parquet files (default: the stage's usual input)")
