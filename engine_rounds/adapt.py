@@ -19,7 +19,6 @@ MLflow run, so the labels it produced can be traced to it.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ram_model.data import is_validation_key
-from ram_model.train_stage import CONFIG_FILE, train_stage
+from ram_model.train_stage import CONFIG_FILE, saved_train_config, train_stage
 from ram_model.trainer import TrainStageConfig
 from ramflow_io.formats import labels_path
 
@@ -42,7 +41,7 @@ def adapt_config(base: Mapping[str, Any], split: str, epochs: int, lr: float, ho
     """
     warmup = min(int(base.get("warmup_steps", 0) or 0), 5)
     return {**base, "splits": [split], "epochs": epochs, "max_steps": None, "lr": lr, "warmup_steps": warmup,
-            "validation_fraction": holdout, "resume": False, "init_from": None, "engine": "torch",
+            "validation_fraction": holdout, "resume": False, "init_from": None, "backend": "torch",
             "missing_label_rejection": 0.0, "clean_mix": None}
 
 
@@ -59,7 +58,7 @@ def adapt_model(model_dir: Path, data_root: Path, split: str, epochs: int, lr: f
     config_file = Path(model_dir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} missing: adaptation reuses the preliminary model's recipe")
-    base = json.loads(config_file.read_text(encoding="utf-8"))
+    base = saved_train_config(model_dir)
     cfg = TrainStageConfig(**{**adapt_config(base, split, epochs, lr, holdout), **tracking})
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh fine-tune, never a resumed one
     log.info("adapting %s: %d epochs on %s (%.0f%% held out for calibration), lr %g",
@@ -79,7 +78,7 @@ def mixed_in(model_dir: Path, split: str, keys) -> set[str]:
     config_file = Path(model_dir) / CONFIG_FILE
     if not config_file.exists():
         return set()
-    mix = TrainStageConfig.model_validate(json.loads(config_file.read_text(encoding="utf-8"))).clean_mix
+    mix = TrainStageConfig.model_validate(saved_train_config(model_dir)).clean_mix
     return {k for k in keys if mix.trains_on(k)} if mix is not None and mix.split == split else set()
 
 

@@ -54,7 +54,7 @@ class MlflowResource(dg.ConfigurableResource):
 class TrainingLauncher(dg.ConfigurableResource):
     """How training stages run: in this process (``torch``) or DeepSpeed workers via torchrun.
 
-    The backend is each training section's ``engine:`` in params.yaml; ``mode`` empty leaves it
+    The backend is each training section's ``backend:`` in params.yaml; ``mode`` empty leaves it
     there, a set ``mode`` must agree with it (a conflict fails the stage, see
     :func:`.settings.training_backend`).
     """

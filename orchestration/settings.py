@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ramflow_io.params import default_params_path, load_params, params_section, stage_config, validate_section
 
+from .checks import ChecksConfig
+
 
 class PathsConfig(BaseModel):
     """``paths:`` in params.yaml."""
@@ -47,16 +49,15 @@ def params_configs() -> dict[str, type[BaseModel]]:
     The stage packages are imported here rather than at module level for their cost (torch,
     spaCy: ~10 s), which the Dagster code location and the data stages do not pay.
     """
-    from data_engine.coco_source import CocoSourceConfig
-    from data_engine.corpus.config import CorpusConfig
-    from engine_rounds import EngineConfig
-    from data_engine.ingest.config import IngestConfig
-    from data_engine.label_system import LabelSystemConfig
-    from data_engine.parsing import ParseConfig
-    from ram_model.evaluate import EvaluationConfig
-    from ram_model.trainer import TrainStageConfig
-
-    from .checks import ChecksConfig
+    # lazy: torch / spaCy / sklearn behind these configs (~5 s); settings loads without them
+    from data_engine.coco_source import CocoSourceConfig  # lazy: see above
+    from data_engine.corpus.config import CorpusConfig  # lazy: see above
+    from data_engine.ingest.config import IngestConfig  # lazy: see above
+    from data_engine.label_system import LabelSystemConfig  # lazy: see above
+    from data_engine.parsing import ParseConfig  # lazy: see above
+    from engine_rounds import EngineConfig  # lazy: see above
+    from ram_model.evaluate import EvaluationConfig  # lazy: see above
+    from ram_model.trainer import TrainStageConfig  # lazy: see above
 
     return {
         "paths": PathsConfig, "source": CocoSourceConfig, "corpus": CorpusConfig, "ingest": IngestConfig,
@@ -103,7 +104,7 @@ class BackendConflictError(ValueError):
 
 @dataclass(frozen=True)
 class LauncherSettings:
-    """How training stages are launched. The backend itself is the stage's ``engine:`` in
+    """How training stages are launched. The backend itself is the stage's ``backend:`` in
     params.yaml; ``mode`` None leaves it to params, a set ``mode`` (``RAMFLOW_LAUNCHER``,
     ``--launcher``, the Dagster ``launcher`` resource) must agree with it."""
 
@@ -113,7 +114,7 @@ class LauncherSettings:
 
 
 def training_backend(stage: str, params_backend: str, launcher: LauncherSettings) -> str:
-    """The backend a training stage runs with: its params section's ``engine``.
+    """The backend a training stage runs with: its params section's ``backend``.
 
     A launcher that names another backend is an error, never a silent replacement: one run
     must not train with DeepSpeed while params.yaml (and the model's saved config) say torch.
@@ -121,9 +122,9 @@ def training_backend(stage: str, params_backend: str, launcher: LauncherSettings
     if launcher.mode is None or launcher.mode == params_backend:
         return params_backend
     raise BackendConflictError(
-        f"training backend conflict for {stage!r}: params.yaml sets {stage}.engine: {params_backend}, "
+        f"training backend conflict for {stage!r}: params.yaml sets {stage}.backend: {params_backend}, "
         f"the launcher (RAMFLOW_LAUNCHER / --launcher / the Dagster launcher resource) asks for "
-        f"{launcher.mode!r}; set {stage}.engine in the params file and leave the launcher mode unset")
+        f"{launcher.mode!r}; set {stage}.backend in the params file and leave the launcher mode unset")
 
 
 @dataclass(frozen=True)

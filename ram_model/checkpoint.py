@@ -1,17 +1,25 @@
-"""Checkpoints that load with ``torch.load(..., weights_only=True)``.
+"""The one model file format of ramflow (``ramflow-model-v1``), read with ``weights_only=True``.
 
-The file holds only tensors and primitive containers: ``format``, ``model_name``, ``config``
-(every config field, primitive values: the model is rebuilt as trained even after the
-registry's defaults change), ``overrides`` (the fields differing from the registry, for people
-and for files written before ``config`` was stored), ``state_dict``, ``tag_names``,
-``thresholds`` (list of floats), ``tokenizer`` (its primitive state) and ``extra`` (caller data,
-e.g. training metrics; must itself be primitive/tensors).
+:func:`save_model` writes it and :func:`read_checkpoint` reads it; :func:`load_model` (the
+whole model) and :func:`load_state_dict` (its weights, e.g. to initialise a new stage) are built
+on that one reader. The file holds only tensors and primitive containers:
 
-A custom ``"pkg.module:factory"`` model (tests, experiments) is exported by :func:`save_state`
-as ``format="ramflow-state-v1"`` (factory name, weights, tags, thresholds): the same file name
-in a model folder, one loader for the weights of both (:func:`load_state_dict`), and nothing in
-either is unpickled beyond tensors and primitives (a file that needs more is refused with
-:class:`~ram_model.engines.UnsafeCheckpointError`, its code never runs).
+- ``format``: ``"ramflow-model-v1"``;
+- ``model_name``: the registry name, or ``"pkg.module:factory"`` for a custom model (tests,
+  experiments);
+- ``config``: every config field, primitive values (the model is rebuilt as trained even after
+  the registry's defaults change); a custom model: its factory's keyword arguments;
+- ``overrides``: the fields differing from the registry (for people; loading reads ``config``);
+  a custom model: its factory's keyword arguments;
+- ``state_dict``, ``tag_names``, ``thresholds`` (list of floats, or None), ``tokenizer`` (its
+  primitive state, or None) and ``extra`` (caller data, e.g. training metrics; primitive/tensors).
+
+A model folder (``models/{stage}/``) holds it as ``model.pt`` beside readable
+``thresholds.json`` and ``config.json``. Files of custom models written before this one format
+(``ramflow-state-v1``, or no ``format`` key with a ``factory``) are read by the same reader as
+this format. Nothing in a file is unpickled beyond tensors and primitives (a file that needs
+more is refused with :class:`~ram_model.backends.UnsafeCheckpointError`, its code never runs),
+and no file names code that loading would run: a custom model is rebuilt by its caller.
 """
 
 from __future__ import annotations
@@ -24,12 +32,12 @@ from typing import Any
 
 import torch
 
-from ram_model.engines import UnsafeCheckpointError, load_tensors
+from ram_model.backends import UnsafeCheckpointError, load_tensors
 from ram_model.registry import config_fields, config_overrides, create_unfilled_model
 from ram_model.tokenizer import tokenizer_from_state
 
 FORMAT = "ramflow-model-v1"
-STATE_FORMAT = "ramflow-state-v1"  # weights of a custom ``module:factory`` model
+LEGACY_STATE_FORMAT = "ramflow-state-v1"  # custom models' files before the one format: read, never written
 CHECKPOINT_FILE = "model.pt"  # inside a model folder (``models/{stage}/``)
 
 
@@ -39,65 +47,77 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
-def save_model(model, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (config name + overrides, weights, tags, thresholds, tokenizer) to ``path``."""
+def save_model(model, path: str | os.PathLike, extra: dict[str, Any] | None = None, *,
+               thresholds=None, factory: str | None = None, factory_kwargs: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` in the one format; returns the model file's path.
+
+    ``path`` ending in ``.pt`` is that file; any other path is a model folder: ``model.pt`` plus
+    readable ``thresholds.json`` and ``config.json``. ``thresholds`` (one per tag) replace the
+    model's own before saving. A custom model (no registry config) passes its ``factory``
+    (``"pkg.module:callable"``) and the keyword arguments it was built with.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    file = path if path.suffix == ".pt" else path / CHECKPOINT_FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if factory is None:
+        if thresholds is not None:
+            model.set_tags(model.tag_names, model.label_embed.detach().cpu(), [float(t) for t in thresholds])
+        name, fields, overrides = model.config.name, config_fields(model.config), config_overrides(model.config)
+        thresholds = model.thresholds.tolist()
+        tokenizer = model.tokenizer.state() if model.tokenizer is not None else None
+    else:
+        name, fields, tokenizer = factory, dict(factory_kwargs or {}), None
+        overrides = dict(fields)
+    tag_names = list(getattr(model, "tag_names", []))
     blob = {
         "format": FORMAT,
-        "model_name": model.config.name,
-        "config": config_fields(model.config),
-        "overrides": config_overrides(model.config),
-        "state_dict": state,
-        "tag_names": list(model.tag_names),
-        "thresholds": [float(t) for t in model.thresholds.tolist()],
-        "tokenizer": model.tokenizer.state() if model.tokenizer is not None else None,
+        "model_name": name,
+        "config": fields,
+        "overrides": overrides,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "tag_names": tag_names,
+        "thresholds": [float(t) for t in thresholds] if thresholds is not None else None,
+        "tokenizer": tokenizer,
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = file.with_name(file.name + ".tmp")
     torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    tmp.replace(file)
+    if file != path:  # a model folder: its readable side files
+        if blob["thresholds"] is not None:
+            (path / "thresholds.json").write_text(
+                json.dumps(dict(zip(tag_names, blob["thresholds"])), indent=1), encoding="utf-8")
+        (path / "config.json").write_text(
+            json.dumps({"model_name": name, "overrides": overrides, "num_tags": len(tag_names)}, indent=1),
+            encoding="utf-8")
+    return file
 
 
-def _read_blob(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """The file's dict, read with ``weights_only=True`` (refused files raise before any code runs)."""
-    file = resolve_checkpoint(path)
-    blob = load_tensors(file, map_location="cpu")
-    if not isinstance(blob, dict):
-        raise ValueError(f"{file}: not a ramflow checkpoint (a {type(blob).__name__}, not a dict)")
-    return file, blob
+def _from_legacy_state(blob: dict[str, Any]) -> dict[str, Any] | None:
+    """A custom model's file written before the one format (``ramflow-state-v1``; the oldest
+    ones had no ``format`` key: exactly factory / state_dict / thresholds / tag_names), in the
+    one format; None for any other dict."""
+    legacy = blob.get("format") == LEGACY_STATE_FORMAT or ("format" not in blob and "factory" in blob)
+    if not legacy or "state_dict" not in blob:
+        return None
+    return {"format": FORMAT, "model_name": blob.get("factory", ""), "config": {}, "overrides": {},
+            "state_dict": blob["state_dict"], "tag_names": list(blob.get("tag_names") or []),
+            "thresholds": blob.get("thresholds"), "tokenizer": None, "extra": {}}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw checkpoint dict (``weights_only=True``: no code is unpickled)."""
-    file, blob = _read_blob(path)
-    if blob.get("format") != FORMAT:
-        kind = "a custom model's weights (ramflow-state-v1)" if _is_state(blob) else "another format"
-        raise ValueError(f"{file}: not a {FORMAT} checkpoint: {kind}")
-    return blob
-
-
-def _is_state(blob: dict[str, Any]) -> bool:
-    # files written before the format key existed held exactly factory / state_dict / thresholds / tag_names
-    return blob.get("format") == STATE_FORMAT or ("format" not in blob and "factory" in blob and "state_dict" in blob)
-
-
-def save_state(model, path: str | os.PathLike, factory: str, thresholds=None) -> Path:
-    """Export a custom ``factory`` model: weights, tag names and thresholds (``ramflow-state-v1``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "format": STATE_FORMAT, "factory": factory,
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "thresholds": [float(t) for t in thresholds] if thresholds is not None else None,
-        "tag_names": list(getattr(model, "tag_names", [])),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    """The model file's dict in the one format (``weights_only=True``: no code is unpickled; a
+    refused file raises before any of it runs). ``path``: a model file or a model folder."""
+    file = resolve_checkpoint(path)
+    blob = load_tensors(file, map_location="cpu")
+    if not isinstance(blob, dict):
+        raise ValueError(f"{file}: not a ramflow model file (a {type(blob).__name__}, not a dict)")
+    if blob.get("format") == FORMAT:
+        return blob
+    upgraded = _from_legacy_state(blob)
+    if upgraded is None:
+        raise ValueError(f"{file}: not a ramflow model file: format {blob.get('format')!r}, expected {FORMAT!r}")
+    return upgraded
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -110,10 +130,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the model saved by :func:`save_model` (no pretrained weights are read), in eval mode."""
+    """Rebuild a registry model saved by :func:`save_model` (no pretrained weights are read), in
+    eval mode. A custom model's file names a factory, which is never imported from a file: build
+    the model with it and load :func:`load_state_dict`."""
     blob = read_checkpoint(path)
+    if ":" in blob["model_name"] or not blob["model_name"]:
+        raise ValueError(f"{resolve_checkpoint(path)}: a custom model ({blob['model_name'] or 'factory unknown'}): "
+                         "build it with its factory and load its weights with load_state_dict()")
+    fields = blob.get("config")
+    if not fields:  # only the registry's differences: the model would follow today's defaults
+        raise ValueError(f"{resolve_checkpoint(path)}: written before model files stored their full config; "
+                         "retrain it, or build the model and load its weights with load_state_dict()")
     tokenizer = tokenizer_from_state(blob["tokenizer"]) if blob.get("tokenizer") else None
-    fields = blob.get("config") or blob["overrides"]
     # every persistent tensor is loaded below (strict): no random init to overwrite
     model = create_unfilled_model(blob["model_name"], caption_tokenizer=tokenizer, **fields)
     state = blob["state_dict"]
@@ -123,34 +151,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return model.to(device).eval()
 
 
-def save_checkpoint(model, out_dir: str | os.PathLike, thresholds=None, extra: dict[str, Any] | None = None) -> Path:
-    """Model folder: ``model.pt`` (:func:`save_model`) plus readable ``thresholds.json`` and
-    ``config.json``; ``thresholds`` (one per tag) replace the model's before saving."""
-    out_dir = Path(out_dir)
-    if thresholds is not None:
-        model.set_tags(model.tag_names, model.label_embed.detach().cpu(), [float(t) for t in thresholds])
-    path = save_model(model, out_dir / CHECKPOINT_FILE, extra)
-    (out_dir / "thresholds.json").write_text(
-        json.dumps(dict(zip(model.tag_names, (float(t) for t in model.thresholds.tolist()))), indent=1),
-        encoding="utf-8")
-    (out_dir / "config.json").write_text(
-        json.dumps({"model_name": model.config.name, "overrides": config_overrides(model.config),
-                    "num_tags": len(model.tag_names)}, indent=1), encoding="utf-8")
-    return path
-
-
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Only the weights of a checkpoint file or model folder (e.g. to initialise a new stage):
-    a ramflow model (``ramflow-model-v1``) or a custom model's export (``ramflow-state-v1``)."""
-    file, blob = _read_blob(path)
-    if blob.get("format") != FORMAT and not _is_state(blob):
-        raise ValueError(f"{file}: neither a {FORMAT} checkpoint nor a {STATE_FORMAT} export")
-    state = blob["state_dict"]
+    """Only the weights of a model file or folder (e.g. to initialise a new stage)."""
+    state = read_checkpoint(path)["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: its state_dict is not a mapping of tensors")
+        raise ValueError(f"{resolve_checkpoint(path)}: its state_dict is not a mapping of tensors")
     return state
 
 
-__all__ = ["CHECKPOINT_FILE", "FORMAT", "STATE_FORMAT", "UnsafeCheckpointError", "file_sha256", "load_model",
-           "load_state_dict", "read_checkpoint", "resolve_checkpoint", "save_checkpoint", "save_model",
-           "save_state"]
+__all__ = ["CHECKPOINT_FILE", "FORMAT", "LEGACY_STATE_FORMAT", "UnsafeCheckpointError", "file_sha256",
+           "load_model", "load_state_dict", "read_checkpoint", "resolve_checkpoint", "save_model"]

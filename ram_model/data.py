@@ -39,10 +39,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,6 @@ class LabelTable:
 
 def load_label_table(paths: Path | Sequence[Path], num_classes: int) -> LabelTable:
     """Read ``labels/{split}.parquet`` or ``engine/{split}.parquet`` files (later files win)."""
-    import pyarrow.parquet as pq
-
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     tags: dict[str, list[int]] = {}
     parsed: dict[str, list[int]] = {}
@@ -166,8 +167,6 @@ def image_to_uint8(jpeg: bytes, aug: AugmentConfig, rng: random.Random | None) -
 
     Normalisation is left to :func:`normalize_batch`, once per batch: per image it cost more than
     the JPEG decode itself (0.9 against 0.4 ms for a 96 px image on this machine)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(jpeg)) as im:
         im = im.convert("RGB")
         box = (0, 0, im.width, im.height)
@@ -245,8 +244,6 @@ class ShardStream(IterableDataset):
         yield from self._role_batches(role)
 
     def _raw_samples(self, role: int) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
         urls = self.plan.role_shards[role]
         # Shard order and worker split are decided by the EpochPlan: no reshuffle, no resplit.
         ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
@@ -315,6 +312,13 @@ def _buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iter
 
 
 # --------------------------------------------------------------------------- loader
+
+class RankRoles(NamedTuple):
+    """One rank's shards of an epoch, dealt to its reader roles."""
+
+    roles: list[list[str]]    # shard paths each role reads, in order
+    batches: list[int]        # full micro-batches each role yields
+
 
 @dataclass
 class TrainLoader:
@@ -390,17 +394,17 @@ class TrainLoader:
         return {k for s in self.unique_shards() for k in s.keys
                 if k in self.labels and k not in self.reserved_keys and is_validation_key(k, self.validation_fraction)}
 
-    def _rank_roles(self, epoch: int, rank: int) -> tuple[list[list[str]], list[int]]:
+    def _rank_roles(self, epoch: int, rank: int) -> RankRoles:
         paths = [s.path for s in self.shards]
         random.Random(f"{self.seed}-{epoch}").shuffle(paths)
         mine = paths[rank :: self.world_size]
         roles = [mine[k :: self.n_roles] for k in range(self.n_roles)]
         batches = [sum(self._usable[p] for p in r) // self.micro_batch_size for r in roles]
-        return roles, batches
+        return RankRoles(roles, batches)
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         """Micro-batches every rank takes in ``epoch`` (min over ranks, so ranks stay in step)."""
-        return min(sum(self._rank_roles(epoch, r)[1]) for r in range(self.world_size))
+        return min(sum(self._rank_roles(epoch, r).batches) for r in range(self.world_size))
 
     def plan(self, epoch: int, skip: int = 0) -> EpochPlan:
         roles, batches = self._rank_roles(epoch, self.rank)
@@ -437,8 +441,6 @@ def iter_eval_batches(
     batch_size: int,
 ) -> Iterator[dict[str, Any]]:
     """Single-process, in-order batches of ``{"image", "keys", "captions"}`` (eval resize only)."""
-    import webdataset as wds
-
     urls = [s.path if isinstance(s, ShardInfo) else str(s) for s in shards]
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
     images, names, caps = [], [], []

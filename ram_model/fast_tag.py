@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -157,6 +158,13 @@ class FastSwin:
         return self.norm(x)
 
 
+class _QueryCache(NamedTuple):
+    label_embed: torch.Tensor   # the tag set's embeddings themselves (identity is the key)
+    version: int                # their in-place version counter when cached
+    queries: torch.Tensor       # [C, D] relu(wordvec_proj(label_embed))
+    first_q: torch.Tensor       # [C, D] the first layer's query projection of them
+
+
 class FastTagHead:
     """RAM tagging head (cross-attention-only BERT layers + shared ``fc``) with cached queries."""
 
@@ -175,20 +183,20 @@ class FastTagHead:
                 ffn2=PackedLinear(layer.output.dense, dtype, onednn), norm2=_norm(layer.output.LayerNorm, dtype)))
         self.fc_w = model.fc.weight.detach().to(dtype).reshape(-1)  # [D]
         self.fc_b = model.fc.bias.detach().to(dtype)
-        # (label_embed itself, its version, queries [C, D], first-layer q [C, D]). Holding the tensor
-        # keeps its memory from being reused by another tag set, so identity + version is a safe key.
-        self._queries: tuple | None = None
+        # Holding the tensor keeps its memory from being reused by another tag set, so identity +
+        # version is a safe key.
+        self._queries: _QueryCache | None = None
 
     def queries(self, label_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``relu(wordvec_proj(label_embed))`` and its first-layer query projection, cached per tag set.
-        The cache is read and replaced as one tuple, so concurrent calls with different tag sets
+        The cache is read and replaced as one object, so concurrent calls with different tag sets
         never mix one set's queries into another's answer."""
         cached = self._queries
-        if cached is None or cached[0] is not label_embed or cached[1] != label_embed._version:
+        if cached is None or cached.label_embed is not label_embed or cached.version != label_embed._version:
             x0 = F.relu(self.wordvec_proj(label_embed.detach().float())).to(self.dtype)  # [C, D]
-            cached = (label_embed, label_embed._version, x0, self.layers[0]["query"](x0))
+            cached = _QueryCache(label_embed, label_embed._version, x0, self.layers[0]["query"](x0))
             self._queries = cached
-        return cached[2], cached[3]
+        return cached.queries, cached.first_q
 
     def __call__(self, tokens: torch.Tensor, label_embed: torch.Tensor) -> torch.Tensor:
         """Final Swin tokens ``[B, hw, Cb]`` -> logits ``[B, C]`` (fp32)."""

@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+
+from ram_model.backbones import backbone_tokens
+from ram_model.losses import asymmetric_loss, large_loss_mask
+from ram_model.registry import create_model
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +66,6 @@ class HeadTrainConfig(BaseModel):
 
 def load_square(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """One image file -> ``[3, size, size]`` normalised tensor (aspect not kept: squashed)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB").resize((size, size), Image.BICUBIC)
         arr = np.asarray(im, dtype=np.float32) / 255.0  # [H, W, 3]
@@ -99,8 +102,6 @@ def extract_tokens(model, image_paths: Sequence[str | Path], cfg: FeatureCacheCo
 
 def _pooled_grid(backbone, images: torch.Tensor, pool: int) -> torch.Tensor:
     """Backbone tokens ``[B, h*w, Cb]`` after ``pool x pool`` average pooling of the grid."""
-    from ram_model.backbones import backbone_tokens
-
     tokens, (h, w) = backbone_tokens(backbone, images)  # [B, hw, Cb]
     if pool <= 1:
         return tokens
@@ -168,7 +169,7 @@ def token_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """``[B, hw, Cb]`` -> ``[B, C]`` for a :class:`TokenTagger` or a bare RAM model."""
     if isinstance(model, TokenTagger):
         return model(tokens)
-    return model._decode_tags(model.project_tokens(tokens))[0]
+    return model._decode_tags(model.project_tokens(tokens)).logits
 
 
 def _drop_tokens(tokens: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
@@ -188,8 +189,6 @@ def train_head(model, tokens: torch.Tensor, targets: np.ndarray, cfg: HeadTrainC
     Each epoch every image appears once, in a random view, with ``token_dropout`` of its grid
     tokens left out (the mean token is computed from the kept ones). ``weights [N, C]`` (optional)
     scale each entry's loss, e.g. to trust generated labels less than caption labels."""
-    from ram_model.losses import asymmetric_loss
-
     c = model.ram.config if isinstance(model, TokenTagger) else model.config
     gamma_neg = c.gamma_neg if cfg.gamma_neg is None else cfg.gamma_neg
     clip = c.asl_clip if cfg.asl_clip is None else cfg.asl_clip
@@ -234,8 +233,6 @@ def train_head(model, tokens: torch.Tensor, targets: np.ndarray, cfg: HeadTrainC
 def _weighted_asl(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, gamma_neg: float,
                   gamma_pos: float, clip: float, eps: float, reject_negatives: float = 0.0) -> torch.Tensor:
     """Asymmetric loss with a weight per entry ``[B, C]``, summed over tags, averaged over images."""
-    from ram_model.losses import large_loss_mask
-
     p = torch.sigmoid(logits)
     p_neg = (1.0 - p + clip).clamp(max=1.0) if clip > 0 else 1.0 - p
     loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log(p_neg.clamp(min=eps))
@@ -264,8 +261,6 @@ def score_head(model, tokens: torch.Tensor, batch_size: int = 64) -> np.ndarray:
 def new_head_model(model_name: str, tag_names: Sequence[str], tag_embeddings: torch.Tensor,
                    overrides: dict[str, Any], backbone=None):
     """A fresh RAM model; ``backbone`` (a module) is shared instead of loading the weights again."""
-    from ram_model.registry import create_model
-
     model = create_model(model_name, pretrained=backbone is None, tag_names=list(tag_names),
                          tag_embeddings=tag_embeddings, **overrides)
     if backbone is not None:
@@ -296,8 +291,8 @@ def linear_probe_scores(train_feats: np.ndarray, targets: np.ndarray, eval_feats
     ``train_feats [N, V, Cb]``: every view is a training sample; ``eval_feats [M, V, Cb]``:
     probabilities are averaged over views. Classes without positives (or without negatives)
     score their training rate. Returns ``[M, C]``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.linear_model import LogisticRegression  # lazy: sklearn, only the linear-probe experiment
+    from sklearn.preprocessing import StandardScaler  # lazy: sklearn, only the linear-probe experiment
 
     n, v, d = train_feats.shape
     x = train_feats.reshape(n * v, d)

@@ -14,8 +14,7 @@ Forward contract (used by the trainer): ``model(batch) -> {"loss", "loss_tag", [
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +25,13 @@ from ram_model.generation import CaptionDecoder, InteractionEncoder
 from ram_model.losses import asymmetric_loss, caption_lm_loss, combine_losses, distillation_loss
 from ram_model.registry import RamConfig
 from ram_model.tokenizer import build_tokenizer
+
+
+class TagDecode(NamedTuple):
+    """What the tagging decoder returns for image tokens."""
+
+    logits: torch.Tensor                  # [B, C]
+    attention: torch.Tensor | None        # [B, C, N] last-layer cross-attention (need_weights only)
 
 
 class CrossAttentionLayer(nn.Module):
@@ -166,7 +172,7 @@ class RamModel(nn.Module):
         return queries if self.query_norm is None else self.query_norm(queries)
 
     def _decode_tags(self, tokens: torch.Tensor, tag_ids=None, need_weights: bool = False,
-                     label_embed: torch.Tensor | None = None):
+                     label_embed: torch.Tensor | None = None) -> TagDecode:
         """tokens ``[B, N, image_dim]`` -> logits ``[B, C]`` (+ last-layer attention ``[B, C, N]``)."""
         queries = self._queries(tag_ids, label_embed)
         x = queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
@@ -178,7 +184,7 @@ class RamModel(nn.Module):
         logits = self.fc(x).squeeze(-1)  # [B, C]
         if self.readout_proj is not None:  # query-conditioned readout (open set: W is shared)
             logits = logits + (x * self.readout_proj(queries)).sum(-1) / x.shape[-1] ** 0.5
-        return logits, weights
+        return TagDecode(logits, weights)
 
     def tag_logits(self, images: torch.Tensor, tag_ids=None, label_embed: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, C]`` logits over the current tag set (or the ``tag_ids`` subset).
@@ -188,7 +194,7 @@ class RamModel(nn.Module):
         if label_embed is not None and (label_embed.ndim != 2 or label_embed.shape[1] != self.config.text_dim):
             raise ValueError(f"label_embed must be [C, {self.config.text_dim}], got {tuple(label_embed.shape)}")
         tokens, _ = self.encode_image(images)
-        return self._decode_tags(tokens, tag_ids, label_embed=label_embed)[0]
+        return self._decode_tags(tokens, tag_ids, label_embed=label_embed).logits
 
     def tag_attention(self, images: torch.Tensor, tag_ids=None) -> torch.Tensor:
         """Cross-attention of each tag query over the token grid ``[B, C, h, w]`` (last decoder
@@ -232,7 +238,7 @@ class RamModel(nn.Module):
         tokens, _ = self.encode_image(images)
         scores = None
         if tags is None:
-            scores = torch.sigmoid(self._decode_tags(tokens)[0])  # [B, C]
+            scores = torch.sigmoid(self._decode_tags(tokens).logits)  # [B, C]
             cond = (scores >= self.thresholds).float()
         else:
             if len(tags) != images.shape[0]:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
+from ram_model.checkpoint import load_model
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ class TagPathModule(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.model.encode_image(images)  # [B, 1 + hw, image_dim]
-        logits = self.model._decode_tags(tokens)[0]  # [B, C]
+        logits = self.model._decode_tags(tokens).logits  # [B, C]
         return torch.sigmoid(logits) if self.probs else logits
 
 
@@ -72,7 +74,7 @@ def export_tag_path(model: nn.Module, out: str | os.PathLike, probs: bool = Fals
                           dynamic_axes={"images": {0: "batch"}, name: {0: "batch"}}, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
     if n_bytes > 1.8 * 2**30:  # keep the graph under protobuf's 2 GB: weights go to an external file
-        import onnx
+        import onnx  # lazy: optional onnx
 
         graph = onnx.load(str(tmp))
         onnx.save_model(graph, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -91,15 +93,13 @@ def export_tag_path(model: nn.Module, out: str | os.PathLike, probs: bool = Fals
 
 def export_checkpoint(cfg: OnnxExportConfig) -> Path:
     """Load ``cfg.checkpoint`` and export its tag path."""
-    from ram_model.checkpoint import load_model
-
     model = load_model(cfg.checkpoint).eval()
     return export_tag_path(model, cfg.out, probs=cfg.output == "probs", opset=cfg.opset, trace_batch=cfg.trace_batch)
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session for an exported graph."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazy: optional onnxruntime
 
     opts = ort.SessionOptions()
     if threads:

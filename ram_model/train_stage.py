@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -26,13 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ramflow_io.formats import label_names, label_system_dir, labels_path, list_shards
-from ram_model.data import (
-    AugmentConfig, ShardInfo, TrainLoader, index_shards, iter_eval_batches, load_label_table, multi_hot,
-)
-from ram_model.engines import dist_info_from_env, ensure_torch_extensions_dir, free_port
-from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, run_fingerprint, seed_everything
+from ram_model import checkpoint as ckpt_io, evaluate
+from ram_model.backends import UnsafeCheckpointError, dist_info_from_env, ensure_torch_extensions_dir, free_port
+from ram_model.checkpoint import file_sha256, read_checkpoint
+from ram_model.data import (AugmentConfig, ShardInfo, TrainLoader, index_shards, iter_eval_batches,
+                            load_label_table, multi_hot)
+from ram_model.registry import create_model, get_config
+from ram_model.tokenizer import WordTokenizer, tokenizer_from_state
 from ram_model.tracking import RunTracker, plot_loss_curves, run_is_finished
+from ram_model.trainer import Trainer, TrainStageConfig, latest_checkpoint, run_fingerprint, seed_everything
+from ramflow_io.formats import label_names, label_system_dir, labels_path, list_shards
+from ramflow_io.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +70,9 @@ class TrainResult:
 def _factory(name: str):
     """``"pkg.module:callable"`` (custom / test models) or the registry's ``create_model``."""
     if ":" in name:
-        import importlib
-
         module, _, attr = name.partition(":")
         fn = getattr(importlib.import_module(module), attr)
         return lambda tag_names, **kw: fn(tag_names=tag_names, **kw)
-    from ram_model.registry import create_model
 
     return lambda tag_names, **kw: create_model(name, tag_names=tag_names, **kw)
 
@@ -94,17 +96,11 @@ def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | 
     """
     if ":" in cfg.model:
         return None
-    from ram_model.registry import get_config
-    from ram_model.tokenizer import WordTokenizer, tokenizer_from_state
 
     config = get_config(cfg.model, **{k: v for k, v in cfg.model_overrides.items()})
     if config.tokenizer != "word":
         return None
     if init_from is not None:
-        from ram_model.checkpoint import read_checkpoint
-
-        from ram_model.engines import UnsafeCheckpointError
-
         try:
             state = read_checkpoint(init_from).get("tokenizer")
         except UnsafeCheckpointError:
@@ -113,7 +109,6 @@ def caption_tokenizer(cfg: TrainStageConfig, data_root: Path, init_from: Path | 
             state = None
         if state:
             return tokenizer_from_state(state)
-    from ramflow_io.shards import iter_samples
 
     splits = cfg.splits + ([cfg.clean_mix.split] if cfg.clean_mix else [])
     shards = [p for split in splits for p in list_shards(data_root, split)]
@@ -138,17 +133,12 @@ def build_model(cfg: TrainStageConfig, tag_names: list[str], init_from: Path | N
     return model
 
 
-CUSTOM_MODEL_FILE = "model.pt"  # a custom model's export (ramflow-state-v1), same place as a registry model's
-
-
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Initialise from a trained model folder / file (tag queries stay those of ``model``).
 
-    Both export formats (a registry model's ``ramflow-model-v1`` checkpoint, a custom model's
-    ``ramflow-state-v1`` weights) go through one loader that reads tensors and primitives only
-    (``weights_only=True``): a file that pickles anything else is refused before it runs."""
-    from ram_model import checkpoint as ckpt_io
-
+    The weights come through the one model-file reader (:func:`ram_model.checkpoint.load_state_dict`),
+    which reads tensors and primitives only (``weights_only=True``): a file that pickles anything
+    else is refused before it runs."""
     path = Path(path)
     state = ckpt_io.load_state_dict(path)
     own = model.state_dict()
@@ -162,14 +152,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def export_model(model: torch.nn.Module, cfg: TrainStageConfig, out_dir: Path, thresholds: list[float] | None) -> Path:
     """Write the trained model where serving / evaluation / the next stage read it.
 
-    Registry models use the model package's checkpoint format; a custom ``module:factory``
-    model (tests, experiments) is saved as its weights (``ramflow-state-v1``) in ``model.pt``.
+    One format for every model (:mod:`ram_model.checkpoint`); a custom ``module:factory`` model
+    (tests, experiments) records its factory and keyword arguments instead of a registry config.
     """
-    from ram_model import checkpoint as ckpt_io
-
     if ":" in cfg.model:
-        return ckpt_io.save_state(model, out_dir / CUSTOM_MODEL_FILE, cfg.model, thresholds)
-    return Path(ckpt_io.save_checkpoint(model, out_dir, thresholds=thresholds))
+        return ckpt_io.save_model(model, out_dir, thresholds=thresholds, factory=cfg.model,
+                                  factory_kwargs=model_overrides(cfg))
+    return ckpt_io.save_model(model, out_dir, thresholds=thresholds)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -194,7 +183,6 @@ def calibrate_and_evaluate(model: torch.nn.Module, cfg: TrainStageConfig, data_r
     if not hasattr(model, "tag_logits"):
         log.warning("model %s has no tag_logits: skipping calibration and evaluation", cfg.model)
         return None, {}
-    from ram_model import evaluate
 
     device = next(model.parameters()).device
     val_keys = loader.validation_keys()
@@ -271,8 +259,6 @@ def stage_fingerprint(cfg: TrainStageConfig, data_root: Path, label_files: Seque
 def finished_result(out_dir: Path, fingerprint: str, data_root: Path, cfg: TrainStageConfig) -> TrainResult | None:
     """The stored result of ``out_dir`` when it was produced from the same inputs (``fingerprint``),
     its model file is the one it describes (sha256) and its MLflow run is finished; else None."""
-    from ram_model.checkpoint import file_sha256
-
     try:
         data = json.loads((Path(out_dir) / RESULT_FILE).read_text(encoding="utf-8"))
         stored_fp, stored_sha = data.get("fingerprint"), data.get("checkpoint_sha256")
@@ -362,7 +348,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
     fingerprint = run_fingerprint(cfg, [*label_files, *([init] if init else [])], tags=names,
                                   world_size=dist.world_size)
     resumed = latest_checkpoint(out_dir) if cfg.resume and not cfg.force else None
-    if (resumed is not None and resumed[1].get("fingerprint") != fingerprint) or cfg.force:
+    if (resumed is not None and resumed.state.get("fingerprint") != fingerprint) or cfg.force:
         # every rank decides alike; only the main process deletes
         log.warning("%s: %s: training from the start", out_dir / "checkpoints",
                     "force is set" if cfg.force else
@@ -372,8 +358,8 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         resumed = None
     tracker = RunTracker(data_root, out_dir.name, uri=cfg.tracking_uri, experiment=cfg.experiment,
                          parent_run_id=parent_run_id, rank=dist.rank,
-                         run_id=resumed[1].get("mlflow_run_id") or None if resumed else None,
-                         tags={"ramflow.stage": out_dir.name, "ramflow.engine": cfg.engine})
+                         run_id=resumed.state.get("mlflow_run_id") or None if resumed else None,
+                         tags={"ramflow.stage": out_dir.name, "ramflow.backend": cfg.backend})
     trainer = Trainer(model, loader, cfg, out_dir, tracker=tracker, dist=dist)
     if resumed:
         trainer.resume(fingerprint)
@@ -392,11 +378,11 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
     metrics: dict[str, Any] = {
         "steps": summary.steps, "samples": summary.samples, "train_seconds": round(summary.seconds, 3),
         "samples_per_s": summary.samples_per_s, "final_loss": summary.final_loss,
-        "world_size": dist.world_size, "engine": cfg.engine, **{f"data/{k}": v for k, v in loader.counts.items()},
+        "world_size": dist.world_size, "backend": cfg.backend, **{f"data/{k}": v for k, v in loader.counts.items()},
     }
     checkpoint = out_dir
     if dist.is_main:
-        module = trainer.engine.module.eval()
+        module = trainer.backend.module.eval()
         thresholds = None
         if evaluate_after:
             thresholds, eval_metrics = calibrate_and_evaluate(module, cfg, data_root, loader)
@@ -408,16 +394,26 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
         tracker.finish()
         result = TrainResult(checkpoint, metrics, tracker.run_id)
         _write_result(out_dir, result, done_fp)
-    trainer.engine.barrier()
+    trainer.backend.barrier()
     if not dist.is_main:
         return TrainResult(checkpoint, metrics, "")
     return result
 
 
+def saved_train_config(model_dir: Path) -> dict[str, Any]:
+    """The stage config a model folder was trained with (``train_config.json``), as a dict.
+
+    Models saved before the training key ``engine`` became ``backend`` still say ``engine``;
+    it is read as ``backend`` so such a model can be fine-tuned or inspected as before.
+    """
+    config = json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    if "engine" in config and "backend" not in config:
+        config["backend"] = config.pop("engine")
+    return config
+
+
 def _write_result(out_dir: Path, result: TrainResult, fingerprint: str) -> None:
     """``train_result.json`` with the input fingerprint and the model file's sha256 (atomic)."""
-    from ram_model.checkpoint import file_sha256
-
     data = {**result.to_json(), "fingerprint": fingerprint, "checkpoint_sha256": file_sha256(result.checkpoint)}
     tmp = out_dir / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")

@@ -1,9 +1,9 @@
-"""The training loop shared by every stage and both engines.
+"""The training loop shared by every stage and both training backends.
 
-:class:`Trainer` drives an :class:`~ram_model.engines.Engine` with micro-batches from a
+:class:`Trainer` drives an :class:`~ram_model.backends.Backend` with micro-batches from a
 :class:`~ram_model.data.TrainLoader`: one optimizer step = ``batch_size`` samples =
 ``micro_batch_size x grad_accum x world_size``. It checkpoints every ``checkpoint_every``
-steps (engine state + loop position + every RNG) and resumes from the latest checkpoint so a
+steps (backend state + loop position + every RNG) and resumes from the latest checkpoint so a
 killed run continues with the same batches and the same losses. Each checkpoint carries the
 run's fingerprint (:func:`run_fingerprint`): one written by a run with other settings, labels
 or initial weights is never resumed.
@@ -20,17 +20,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from tqdm import tqdm
 
+from ram_model.backends import (CHECKPOINT_READ_ERRORS, BackendSettings, DistInfo, build_backend,
+                                dist_info_from_env, load_tensors)
 from ram_model.data import TrainLoader, is_validation_key
-from ram_model.engines import (
-    CHECKPOINT_READ_ERRORS, DistInfo, EngineSettings, build_engine, dist_info_from_env, load_tensors,
-)
 from ram_model.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class TrainStageConfig(BaseModel):
     loss_weights: dict[str, float] = {}           # passthrough: create_model(..., loss_weights=...)
     caption: bool = False                         # caption branch on/off (no caption tokens when off)
     caption_max_len: int | None = None            # None: the model config's max_caption_len (else 40)
-    engine: Literal["torch", "deepspeed"] = "torch"
+    backend: Literal["torch", "deepspeed"] = "torch"  # training backend
     zero_stage: int = Field(2, ge=0, le=2)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16 only takes effect on CUDA
     splits: list[str] = ["pretrain"]              # raw/{split}/ shards to train on
@@ -126,6 +126,16 @@ class TrainStageConfig(BaseModel):
     eval_max_samples: int | None = None
     experiment: str = "ramflow"
     tracking_uri: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        """A training section that still says ``engine:`` (the key's name before ``backend:``) gets
+        an error naming the fix, not the bare "extra inputs are not permitted"."""
+        if isinstance(values, dict) and "engine" in values:
+            raise ValueError(f"'engine: {values['engine']}' is now called 'backend: {values['engine']}' "
+                             "(the training backend, torch | deepspeed): rename the key in this section")
+        return values
 
 
 @dataclass
@@ -226,13 +236,18 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def latest_checkpoint(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """``(checkpoint dir, its trainer state)`` of the newest checkpoint whose trainer state reads,
+class SavedCheckpoint(NamedTuple):
+    path: Path                   # the step_* folder
+    state: dict[str, Any]        # its trainer state (step, epoch, history, fingerprint, ...)
+
+
+def latest_checkpoint(out_dir: Path) -> SavedCheckpoint | None:
+    """The newest checkpoint (folder and trainer state) whose trainer state reads,
     or None (also when the main process is deleting stale checkpoints while another rank looks).
-    :meth:`Trainer.resume` then also reads the engine and RNG state back before it trusts one."""
+    :meth:`Trainer.resume` then also reads the backend and RNG state back before it trusts one."""
     for ckpt in checkpoint_candidates(out_dir):
         try:
-            return ckpt, read_trainer_state(ckpt)
+            return SavedCheckpoint(ckpt, read_trainer_state(ckpt))
         except (OSError, ValueError) as e:
             log.warning("skipping checkpoint %s: %s", ckpt, e)
     return None
@@ -261,7 +276,7 @@ def run_fingerprint(cfg: TrainStageConfig, inputs: Sequence[Path], **context: An
 
 
 class Trainer:
-    """Train ``model`` with ``loader`` through the engine named in ``cfg``."""
+    """Train ``model`` with ``loader`` through the training backend named in ``cfg``."""
 
     def __init__(self, model: nn.Module, loader: TrainLoader, cfg: TrainStageConfig, out_dir: Path,
                  tracker: RunTracker | None = None, dist: DistInfo | None = None) -> None:
@@ -276,13 +291,13 @@ class Trainer:
             raise ValueError(f"{loader.counts['train_samples']} samples give no full step of {cfg.batch_size}")
         # max_steps, when set, replaces the epoch count (the loader wraps into further epochs)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        self.settings = EngineSettings(
+        self.settings = BackendSettings(
             lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
             total_steps=self.total_steps, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
             micro_batch_size=cfg.micro_batch_size, grad_accum_steps=self.accum,
             zero_stage=cfg.zero_stage, precision=cfg.precision,
         )
-        self.engine = build_engine(cfg.engine, model, self.settings, self.dist)
+        self.backend = build_backend(cfg.backend, model, self.settings, self.dist)
         self.state = TrainState(mlflow_run_id=tracker.run_id if tracker else "")
         model_cfg = getattr(model, "config", None)
         self.caption_max_len = cfg.caption_max_len or int(getattr(model_cfg, "max_caption_len", 40))
@@ -295,7 +310,7 @@ class Trainer:
             out["reject_negatives"] = self.cfg.missing_label_rejection
             if "complete_labels" in batch:
                 out["complete_labels"] = batch["complete_labels"]  # [B] bool: these rows keep every negative
-        tokenizer = getattr(self.engine.module, "tokenizer", None)
+        tokenizer = getattr(self.backend.module, "tokenizer", None)
         if self.cfg.caption and tokenizer is not None:
             ids, mask = tokenizer.encode(batch["captions"], self.caption_max_len)
             out["caption_ids"], out["caption_mask"] = ids, mask  # [B,L] each
@@ -315,10 +330,10 @@ class Trainer:
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was interrupted
             tmp.mkdir(parents=True)
-        self.engine.barrier()
-        self.engine.save(tmp)
+        self.backend.barrier()
+        self.backend.save(tmp)
         torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
-        self.engine.barrier()
+        self.backend.barrier()
         if self.dist.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(self.state.__dict__), encoding="utf-8")
             if ckpt.exists():  # the same step written again (e.g. after a fallback): replace it
@@ -334,17 +349,17 @@ class Trainer:
             old = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p != ckpt), key=_step_of)
             for p in old[: max(0, len(old) - (keep - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
-        self.engine.barrier()
+        self.backend.barrier()
         log.info("checkpoint step %d -> %s", self.state.step, ckpt)
         return ckpt
 
     def _read_checkpoint(self, ckpt: Path, fingerprint: str | None) -> dict[str, Any]:
-        """Trainer state and RNG state of ``ckpt``, after reading its engine state back in full;
+        """Trainer state and RNG state of ``ckpt``, after reading its backend state back in full;
         raises when any of them is truncated, refused or of another run."""
         state = read_trainer_state(ckpt)
         if fingerprint is not None and state.get("fingerprint") != fingerprint:
             raise ValueError(f"written by another run (fingerprint {state.get('fingerprint')!r})")
-        self.engine.check(ckpt)
+        self.backend.check(ckpt)
         rng = load_tensors(ckpt / f"rng_rank{self.dist.rank}.pt")
         if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
             raise ValueError(f"{ckpt / f'rng_rank{self.dist.rank}.pt'} is not an RNG state")
@@ -364,17 +379,17 @@ class Trainer:
                 error = None
             except CHECKPOINT_READ_ERRORS as e:
                 loaded, error = None, e
-            if not self.engine.all_true(loaded is not None):
+            if not self.backend.all_true(loaded is not None):
                 log.warning("checkpoint %s is unusable (%s): falling back to the previous checkpoint", ckpt,
                             error or "unreadable on another rank")
-                self.engine.barrier()
+                self.backend.barrier()
                 if self.dist.is_main:
                     aside = ckpt.with_name(CORRUPT_PREFIX + ckpt.name)
                     shutil.rmtree(aside, ignore_errors=True)
                     ckpt.rename(aside)
-                self.engine.barrier()
+                self.backend.barrier()
                 continue
-            self.engine.load(ckpt)
+            self.backend.load(ckpt)
             self.state = TrainState(**loaded["trainer"])
             set_rng_state(loaded["rng"])
             log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", ckpt, self.state.step,
@@ -387,9 +402,8 @@ class Trainer:
         """Train to ``total_steps`` (or stop after ``until_step``: a planned interruption)."""
         stop_at = self.total_steps if until_step is None else min(until_step, self.total_steps)
         st = self.state
-        from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=st.step, desc=f"train[{self.cfg.engine}]",
+        bar = tqdm(total=self.total_steps, initial=st.step, desc=f"train[{self.cfg.backend}]",
                    disable=not self.dist.is_main, unit="step")
         t_last = time.perf_counter()
         while st.step < stop_at:
@@ -403,7 +417,7 @@ class Trainer:
                 group.append(self._prepare(batch))
                 if len(group) < self.accum:
                     continue
-                stats = self.engine.train_step(group)
+                stats = self.backend.train_step(group)
                 group = []
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now

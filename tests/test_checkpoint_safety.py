@@ -9,8 +9,8 @@ import torch
 
 from _train_helpers import labelled_root, write_code_pickle
 from ramflow_io.formats import labels_path
-from ram_model.checkpoint import FORMAT, STATE_FORMAT, load_model, load_state_dict, read_checkpoint
-from ram_model.engines import UnsafeCheckpointError
+from ram_model.checkpoint import FORMAT, LEGACY_STATE_FORMAT, load_model, load_state_dict, read_checkpoint
+from ram_model.backends import UnsafeCheckpointError
 from ram_model.train_stage import RESULT_FILE, TrainStageConfig, train_stage
 from ram_model.trainer import TRAINER_STATE, latest_checkpoint
 
@@ -32,9 +32,9 @@ def _cfg(**kw) -> TrainStageConfig:
     return TrainStageConfig(**base)
 
 
-@pytest.mark.parametrize("fmt", [FORMAT, STATE_FORMAT, None])
+@pytest.mark.parametrize("fmt", [FORMAT, LEGACY_STATE_FORMAT, None])
 def test_init_from_refuses_a_pickle_that_runs_code(root, tmp_path, fmt):
-    """Both formats share the name model.pt; either way the file is read weights-only."""
+    """The format and the older custom-model files alike are read weights-only."""
     marker = tmp_path / "marker"
     init = tmp_path / "init"
     path = write_code_pickle(init / "model.pt", marker, **({"format": fmt} if fmt else {"factory": "x:y"}))
@@ -54,7 +54,7 @@ def test_model_readers_refuse_a_pickle_that_runs_code(tmp_path, reader):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate_trainer_state", "truncate_engine_state", "pickle_rng_state"])
+@pytest.mark.parametrize("damage", ["truncate_trainer_state", "truncate_backend_state", "pickle_rng_state"])
 def test_a_stage_with_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(root, tmp_path, caplog, damage):
     """Train 4 steps (checkpoints 2 and 4), damage step 4 and drop the result so the stage is
     not up to date: the rerun warns, resumes step 2 in the same MLflow run and ends with the
@@ -68,9 +68,9 @@ def test_a_stage_with_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(
     marker = tmp_path / "marker"
     if damage == "truncate_trainer_state":
         (step4 / TRAINER_STATE).write_text((step4 / TRAINER_STATE).read_text()[:40])
-    elif damage == "truncate_engine_state":
-        data = (step4 / "torch_engine.pt").read_bytes()
-        (step4 / "torch_engine.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "truncate_backend_state":
+        data = (step4 / "torch_backend.pt").read_bytes()
+        (step4 / "torch_backend.pt").write_bytes(data[: len(data) // 2])
     else:
         write_code_pickle(step4 / "rng_rank0.pt", marker)
     with caplog.at_level(logging.INFO, logger="ram_model.trainer"):
@@ -79,8 +79,8 @@ def test_a_stage_with_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(
     assert any(r.getMessage().startswith("resumed from") and "step_00000002" in r.getMessage()
                for r in caplog.records)
     assert again.mlflow_run_id == first.mlflow_run_id and not again.reused
-    assert latest_checkpoint(out)[1]["step"] == 4
-    assert [h["step"] for h in latest_checkpoint(out)[1]["history"]] == [1, 2, 3, 4]
+    assert latest_checkpoint(out).state["step"] == 4
+    assert [h["step"] for h in latest_checkpoint(out).state["history"]] == [1, 2, 3, 4]
     assert again.metrics["final_loss"] == pytest.approx(first.metrics["final_loss"], abs=1e-6)
     for k, v in load_state_dict(again.checkpoint).items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6)

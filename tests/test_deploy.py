@@ -567,11 +567,11 @@ def test_deploy_params_train_with_deepspeed_and_agree_with_the_launcher(tmp_path
     subprocess.run(["sh", "-c", run[len("RUN "):]], cwd=tmp_path, check=True)
     configs = validate_params(tmp_path / "params.deepspeed.yaml")
     shipped = validate_params(REPO / "params.yaml")
-    assert {s: configs[s].engine for s in TRAINING_STAGES} == dict.fromkeys(TRAINING_STAGES, "deepspeed")
+    assert {s: configs[s].backend for s in TRAINING_STAGES} == dict.fromkeys(TRAINING_STAGES, "deepspeed")
     for section, cfg in configs.items():
         expected = shipped[section].model_dump()
         if section in TRAINING_STAGES:
-            expected["engine"] = "deepspeed"
+            expected["backend"] = "deepspeed"
         assert cfg.model_dump() == expected, section
 
     env = compose["x-dagster-env"]

@@ -24,7 +24,7 @@ def model():
 
 def _reference(model, images, label_embed=None):
     with torch.no_grad():
-        return model._decode_tags(model.encode_image(images)[0], label_embed=label_embed)[0]
+        return model._decode_tags(model.encode_image(images)[0], label_embed=label_embed).logits
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -235,7 +235,7 @@ def test_logits_and_tags_match_official(official_import, record_property):
     x = _golden_inputs(gold, model.data_config)
     with torch.inference_mode():
         tokens, _ = model.encode_image(x)
-        logits = model._decode_tags(tokens)[0]  # [4, C], what tag_logits returns
+        logits = model._decode_tags(tokens).logits  # [4, C], what tag_logits returns
     diff = float((logits - gold["logits"]).abs().max())
     record_property(f"{arch}_max_abs_logit_diff", diff)
     print(f"{arch}: max abs logit diff vs official {diff:.3g}")

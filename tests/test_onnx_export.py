@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from ram_model.checkpoint import save_checkpoint  # noqa: E402
+from ram_model.checkpoint import save_model  # noqa: E402
 from ram_model.onnx_export import OnnxExportConfig, export_checkpoint, export_tag_path, onnx_session  # noqa: E402
 from ram_model.registry import create_model  # noqa: E402
 
@@ -35,7 +35,7 @@ def test_onnxruntime_matches_torch(tmp_path, name, probs):
     for batch in (1, 3):  # neither is the traced batch size: the batch axis is dynamic
         images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
-            expected = model._decode_tags(model.encode_image(images)[0])[0]
+            expected = model._decode_tags(model.encode_image(images)[0]).logits
         expected = torch.sigmoid(expected) if probs else expected
         (got,) = session.run(None, {"images": images.numpy()})
         assert got.shape == (batch, model.num_tags)
@@ -48,7 +48,7 @@ def test_onnxruntime_matches_torch(tmp_path, name, probs):
 
 def test_export_from_checkpoint(tmp_path):
     model = _tiny_model("ram_official_tiny")
-    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    ckpt = save_model(model, tmp_path / "ckpt")
     out = export_checkpoint(OnnxExportConfig(checkpoint=ckpt, out=tmp_path / "x" / "m.onnx", output="probs"))
     images = torch.randn(2, 3, model.config.image_size, model.config.image_size)
     (got,) = onnx_session(out, threads=1).run(None, {"images": images.numpy()})

@@ -5,7 +5,8 @@
 - each value in params.yaml equals its config class's default (the defaults exist for
   library use only), apart from the short, explained ``ALLOWED`` list below;
 - ``key: null`` means None; a missing params file is an error;
-- the training backend is the section's ``engine:``; a launcher asking for another one fails.
+- the training backend is the section's ``backend:`` (an old ``engine:`` key is told to rename);
+  a launcher asking for another one fails.
 """
 
 from __future__ import annotations
@@ -142,6 +143,34 @@ def test_an_unknown_key_fails_naming_the_section_and_the_key(tmp_path, section, 
     assert str(path) in text
 
 
+@pytest.mark.parametrize("section", ["preliminary_model", "retrained_model", "refined_model", "finetuned_model"])
+def test_a_training_section_still_saying_engine_is_told_to_rename_it(tmp_path, section):
+    """The training key was ``engine:`` before it became ``backend:``: an old params file fails
+    at validation with the section named and the rename spelled out."""
+    params = load_params(PARAMS)
+    params[section]["engine"] = params[section].pop("backend")
+    path = _write(tmp_path, params)
+    with pytest.raises(ValidationError) as err:
+        validate_params(path)
+    text = str(err.value)
+    assert section in text and str(path) in text
+    assert "'engine: torch' is now called 'backend: torch'" in text and "rename the key" in text
+
+
+def test_a_model_saved_with_the_old_engine_key_still_reads(tmp_path):
+    """``train_config.json`` of a model trained before the rename says ``engine``: a later
+    fine-tune (the data engine's adaptation) reads it as ``backend``."""
+    import json
+
+    from ram_model.train_stage import CONFIG_FILE, saved_train_config
+
+    old = {**TrainStageConfig().model_dump(mode="json"), "engine": "deepspeed"}
+    del old["backend"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(old), encoding="utf-8")
+    config = saved_train_config(tmp_path)
+    assert "engine" not in config and TrainStageConfig.model_validate(config).backend == "deepspeed"
+
+
 def test_an_unknown_nested_key_fails_too(tmp_path):
     params = load_params(PARAMS)
     params["preliminary_model"]["clean_mix"]["repat"] = 4
@@ -216,7 +245,7 @@ def test_a_section_that_is_not_a_mapping_fails(tmp_path):
 def test_training_backend_is_params_and_a_conflict_fails(params_backend, mode, expected):
     launcher = LauncherSettings(mode=mode)
     if expected is None:
-        with pytest.raises(BackendConflictError, match=f"retrained_model.engine: {params_backend}"):
+        with pytest.raises(BackendConflictError, match=f"retrained_model.backend: {params_backend}"):
             training_backend("retrained_model", params_backend, launcher)
     else:
         assert training_backend("retrained_model", params_backend, launcher) == expected
@@ -225,12 +254,12 @@ def test_training_backend_is_params_and_a_conflict_fails(params_backend, mode, e
 @pytest.mark.parametrize(("params_backend", "mode"), [("torch", None), ("deepspeed", None), ("deepspeed", "deepspeed"),
                                                       ("torch", "deepspeed")])
 def test_a_training_stage_runs_the_backend_params_set(tmp_path, monkeypatch, params_backend, mode):
-    """The stage layer launches what ``<stage>.engine`` says; the launcher no longer replaces it."""
+    """The stage layer launches what ``<stage>.backend`` says; the launcher no longer replaces it."""
     from orchestration import stages
     from ram_model import train_stage as ts
 
     params = load_params(PARAMS)
-    params["preliminary_model"]["engine"] = params_backend
+    params["preliminary_model"]["backend"] = params_backend
     env = StageEnv.from_params(_write(tmp_path, params), data_root=str(tmp_path / "data"),
                                launcher=LauncherSettings(mode=mode))
     calls = []
@@ -240,7 +269,7 @@ def test_a_training_stage_runs_the_backend_params_set(tmp_path, monkeypatch, par
 
     def record(kind):
         def launch(cfg, *args, **kwargs):
-            calls.append((kind, cfg.engine))
+            calls.append((kind, cfg.backend))
             raise Stop
         return launch
 
@@ -266,16 +295,16 @@ def test_the_launcher_resource_leaves_the_backend_to_params():
 
 
 @pytest.mark.parametrize(("params_backend", "flags", "expected"), [
-    ("deepspeed", [], "deepspeed"), ("torch", [], "torch"), ("deepspeed", ["--engine", "torch"], "torch"),
+    ("deepspeed", [], "deepspeed"), ("torch", [], "torch"), ("deepspeed", ["--backend", "torch"], "torch"),
 ])
 def test_ramflow_train_takes_the_backend_from_params_unless_told(tmp_path, monkeypatch, params_backend, flags,
                                                                  expected):
-    """``ramflow train``: the section's engine, an explicit ``--engine`` over it; ``--set k=null`` sets None."""
+    """``ramflow train``: the section's backend, an explicit ``--backend`` over it; ``--set k=null`` sets None."""
     from orchestration.cli import build_parser
     from ram_model import train_stage as ts
 
     params = load_params(PARAMS)
-    params["retrained_model"]["engine"] = params_backend
+    params["retrained_model"]["backend"] = params_backend
     params["retrained_model"]["init_from"] = "models/preliminary_model"
     seen = []
 
@@ -293,4 +322,4 @@ def test_ramflow_train_takes_the_backend_from_params_unless_told(tmp_path, monke
     with pytest.raises(Stop):
         args.func(args)
     (cfg,) = seen
-    assert cfg.engine == expected and cfg.init_from is None
+    assert cfg.backend == expected and cfg.init_from is None

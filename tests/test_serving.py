@@ -45,13 +45,13 @@ def logged_model(tmp_path_factory, corpus_images):
     """A ram_tiny checkpoint logged as pyfunc in a sqlite store, registered as champion."""
     from orchestration.model_registry import register_and_gate
     from orchestration.settings import RegistryConfig, StageEnv
-    from ram_model.checkpoint import save_checkpoint
+    from ram_model.checkpoint import save_model
     from ram_model.registry import create_model
     from ram_model.serving import log_pyfunc
 
     root = tmp_path_factory.mktemp("serving")
     model = create_model("ram_tiny", pretrained=False, tag_names=TAGS, image_size=64)
-    save_checkpoint(model, root / "model")
+    save_model(model, root / "model")
     env = StageEnv.from_params(root / "none.yaml", data_root=str(root))
     uri = log_pyfunc(root / "model", run_id=None, tracking_uri=env.tracking_uri(), example=corpus_images[:1])
     decision = register_and_gate(env, RegistryConfig(), uri, 0.5)

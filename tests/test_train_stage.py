@@ -45,7 +45,7 @@ def test_train_stage_logs_a_nested_mlflow_run(root, tmp_path, monkeypatch):
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == parent
-    assert run.data.params["stage.engine"] == "torch" and run.data.params["total_steps"] == "5"
+    assert run.data.params["stage.backend"] == "torch" and run.data.params["total_steps"] == "5"
     losses = client.get_metric_history(result.mlflow_run_id, "train/loss")
     assert [m.step for m in losses] == [1, 2, 3, 4, 5]
     assert {"train/lr", "train/samples_per_s", "train/loss_tag", "train/loss_caption"} <= set(run.data.metrics)
@@ -62,12 +62,12 @@ def test_deepspeed_zero2_with_two_processes(root, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([HELPERS, os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "ds"
-    result = launch_train_stage(_cfg(engine="deepspeed", zero_stage=2), root, out, labels_path(root, "pretrain"),
+    result = launch_train_stage(_cfg(backend="deepspeed", zero_stage=2), root, out, labels_path(root, "pretrain"),
                                 nproc=2, timeout_s=900, evaluate_after=False)
     m = result.metrics
-    assert m["world_size"] == 2 and m["steps"] == 5 and m["engine"] == "deepspeed"
+    assert m["world_size"] == 2 and m["steps"] == 5 and m["backend"] == "deepspeed"
     assert 0 < m["final_loss"] < 10
-    ckpt = out / "checkpoints" / "step_00000005" / "engine"
+    ckpt = out / "checkpoints" / "step_00000005" / "backend"
     # ZeRO-2 partitions the optimizer state: one file per rank
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2
     assert result.checkpoint.exists()
@@ -173,7 +173,7 @@ def test_a_stage_resumes_only_its_own_run(root, tmp_path, monkeypatch):
 
     def run(cfg, label_file=labels):
         result = train_stage(cfg, data_root, out, label_file, None, None, evaluate_after=False)
-        state = latest_checkpoint(out)[1]
+        state = latest_checkpoint(out).state
         steps = sorted(int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*"))
         return result.mlflow_run_id, state["fingerprint"], steps
 
@@ -191,5 +191,5 @@ def test_a_stage_resumes_only_its_own_run(root, tmp_path, monkeypatch):
     table.to_parquet(other)
     other_run, other_fp, _ = run(_cfg(max_steps=4, checkpoint_every=3, lr=5e-3), other)
     assert other_run != lr_run and other_fp not in (first_fp, lr_fp)
-    history = latest_checkpoint(out)[1]["history"]
+    history = latest_checkpoint(out).state["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]

@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ramflow_io.formats import SPLITS, TRUTH_FIELD, manifest_path, raw_dir, shard_path
 from data_engine.ingest.config import SOURCES, IngestConfig, IngestSummary, SplitCounts
 from data_engine.ingest.sources import RawPair, iter_coco, iter_img2dataset, iter_table
 from data_engine.ingest.swap import PENDING, ingest_lock, new_staging_dir, recover, swap_in, write_atomic
 from data_engine.ingest.writer import MANIFEST_SCHEMA, PARTS, dir_part_paths, write_pairs
+from ramflow_io.formats import SPLITS, TRUTH_FIELD, manifest_path, raw_dir, shard_path
 from ramflow_io.shards import iter_samples
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _collect(
         shard = folder / shard_path(root, split, index).name
         if not shard.exists():
             raise ValueError(f"manifest part {split}/{index} has no shard {shard}")
-        tables.append(pq.read_table(dir_part_paths(folder, split, index)[0], schema=MANIFEST_SCHEMA))
+        tables.append(pq.read_table(dir_part_paths(folder, split, index).rows, schema=MANIFEST_SCHEMA))
         counts = SplitCounts.model_validate({k: record[k] for k in ("seen", "written", "skipped", "shards")})
         splits[split] = splits.get(split, SplitCounts()).add(counts)
         sources.add(record["source"])

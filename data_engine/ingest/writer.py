@@ -20,16 +20,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ramflow_io.formats import MANIFEST_COLUMNS, raw_dir, shard_path
 from data_engine.ingest.config import IngestConfig, SplitCounts
 from data_engine.ingest.images import EncodedImage, ImageRejected, clean_caption, normalize_image, sanitize_key
 from data_engine.ingest.sources import RawPair
+from ramflow_io.formats import MANIFEST_COLUMNS, raw_dir, shard_path
 from ramflow_io.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,21 @@ def parts_dir(split_dir: str | Path) -> Path:
     return Path(split_dir) / PARTS
 
 
-def dir_part_paths(split_dir: str | Path, split: str, index: int) -> tuple[Path, Path]:
-    """``(rows.parquet, counts.json)`` of one shard's manifest part inside ``split_dir``."""
+class PartPaths(NamedTuple):
+    """The two files of one shard's manifest part."""
+
+    rows: Path      # {split}-{index:06d}.parquet: one row per sample
+    counts: Path    # {split}-{index:06d}.json: the shard's seen / written / skipped counts
+
+
+def dir_part_paths(split_dir: str | Path, split: str, index: int) -> PartPaths:
+    """The manifest part files of one shard inside ``split_dir``."""
     stem = parts_dir(split_dir) / f"{split}-{index:06d}"
-    return stem.with_suffix(".parquet"), stem.with_suffix(".json")
+    return PartPaths(stem.with_suffix(".parquet"), stem.with_suffix(".json"))
 
 
-def part_paths(root: str | Path, split: str, index: int) -> tuple[Path, Path]:
-    """``(rows.parquet, counts.json)`` of one shard's manifest part under ``root``."""
+def part_paths(root: str | Path, split: str, index: int) -> PartPaths:
+    """The manifest part files of one shard under ``root``."""
     return dir_part_paths(raw_dir(root, split), split, index)
 
 

@@ -1,6 +1,6 @@
 """``ramflow import-official``: a released RAM / RAM++ / Tag2Text checkpoint -> a ramflow model.
 
-The result is an ordinary ramflow checkpoint (:func:`ram_model.checkpoint.save_checkpoint`):
+The result is an ordinary ramflow model folder (:func:`ram_model.checkpoint.save_model`):
 config ``ram_official_swin_l_384`` / ``ram_plus_official_swin_l_384`` /
 ``tag2text_official_swin_b_384`` (:mod:`ram_model.registry`), every weight of the file mapped by
 :mod:`ram_model.official.layout`, the official tag names and per-class thresholds (deleted
@@ -19,9 +19,11 @@ from typing import Any, Mapping
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ram_model.checkpoint import save_model
 from ram_model.official.layout import LayoutError, map_official_state, unwrap_state
 from ram_model.official.resources import MODEL_NAMES, OfficialTagSet, official_tag_set
 from ram_model.registry import create_unfilled_model
+from ram_model.serving import log_pyfunc
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,7 @@ def register_imported(model_dir: Path, name: str, tracking_uri: str | None = Non
     """Log the model folder as a ramflow pyfunc (:func:`ram_model.serving.log_pyfunc`) and register
     it as a new version of ``name`` (aliases are left alone: an imported model has no evaluation
     for the promotion gate). Returns the model uri and version."""
-    import mlflow
-
-    from ram_model.serving import log_pyfunc
+    import mlflow  # lazy: mlflow, only with --register
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -127,9 +127,7 @@ def import_official(cfg: OfficialImportConfig, tag_set: OfficialTagSet | None = 
     del state
     path = None
     if cfg.out is not None:
-        from ram_model.checkpoint import save_checkpoint
-
-        path = save_checkpoint(model, cfg.out, extra=official_extra(cfg.arch, tags, cfg.checkpoint))
+        path = save_model(model, cfg.out, extra=official_extra(cfg.arch, tags, cfg.checkpoint))
         log.info("wrote %s (%s, %d tags)", path, model.config.name, len(model.tag_names))
     if cfg.to_registry:
         if path is None:

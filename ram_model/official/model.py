@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ram_model import fast_tag  # inference without autograd: same logits, packed oneDNN path
 from ram_model.backbones import create_backbone
 from ram_model.generation import BertLayer, OfficialCaptionDecoder, OfficialTagEncoder
-from ram_model.model import RamModel
+from ram_model.model import RamModel, TagDecode
 from ram_model.registry import RamConfig
 from ram_model.tokenizer import build_tokenizer
 
@@ -199,15 +200,14 @@ class OfficialRamModel(RamModel):
                 raise ValueError(f"label_embed must be [C, {self.config.text_dim}]"
                                  f"{' or [C, D, ' + str(self.config.text_dim) + ']' if self.arch == 'ram_plus' else ''}, "
                                  f"got {tuple(label_embed.shape)}")
-        from ram_model import fast_tag  # inference without autograd: same logits, packed oneDNN path
 
         if fast_tag.can_use(self, tag_ids):
             return fast_tag.fast_tag_logits(self, images, label_embed)
         tokens, _ = self.encode_image(images)
-        return self._decode_tags(tokens, tag_ids, label_embed=label_embed)[0]
+        return self._decode_tags(tokens, tag_ids, label_embed=label_embed).logits
 
     def _decode_tags(self, tokens: torch.Tensor, tag_ids=None, need_weights: bool = False,
-                     label_embed: torch.Tensor | None = None):
+                     label_embed: torch.Tensor | None = None) -> TagDecode:
         """tokens ``[B, N, image_dim]`` -> logits ``[B, C]`` (+ last-layer attention ``[B, C, N]``)."""
         if tag_ids is not None:
             tag_ids = torch.as_tensor(tag_ids, dtype=torch.long, device=tokens.device)
@@ -219,7 +219,7 @@ class OfficialRamModel(RamModel):
                 weights = _attention_weights(layer.crossattention.self, x, tokens)
             x = layer(x, memory=tokens)  # [B, C, D]
         logits = self.fc(x, tag_ids) if self.arch == "tag2text" else self.fc(x).squeeze(-1)
-        return logits, weights
+        return TagDecode(logits, weights)
 
     # ------------------------------------------------------------------ generation
     def tag_text(self, cond: torch.Tensor) -> list[str]:
@@ -258,7 +258,7 @@ class OfficialRamModel(RamModel):
         tokens = self.encode_image(images)[0] if tokens is None else tokens
         cond = torch.zeros(tokens.shape[0], self.num_tags, device=tokens.device)
         if tags is None:
-            logits = self._decode_tags(tokens)[0] if tag_logits is None else tag_logits
+            logits = self._decode_tags(tokens).logits if tag_logits is None else tag_logits
             cond = (torch.sigmoid(logits) > self.thresholds).float()
         else:
             if len(tags) != tokens.shape[0]:

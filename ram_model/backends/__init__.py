@@ -1,12 +1,12 @@
-"""Training engines: the part of training that differs between plain torch and DeepSpeed.
+"""Training backends: the part of training that differs between plain torch and DeepSpeed.
 
-An :class:`Engine` owns device placement, the backward pass, gradient accumulation, gradient
+An :class:`Backend` owns device placement, the backward pass, gradient accumulation, gradient
 clipping, the optimizer step, the warmup+cosine LR schedule, checkpoint state and the
 rank / world-size of this process. :class:`ram_model.trainer.Trainer` only talks to this
-interface, so both back ends run the very same training loop.
+interface, so both backends run the very same training loop.
 
-Only :mod:`ram_model.engines.deepspeed_engine` imports ``deepspeed``; it is loaded lazily by
-:func:`build_engine` so the torch engine works where DeepSpeed is absent.
+Only :mod:`ram_model.backends.deepspeed_backend` imports ``deepspeed``; it is loaded lazily by
+:func:`build_backend` so the torch backend works where DeepSpeed is absent.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-EngineKind = Literal["torch", "deepspeed"]
+BackendKind = Literal["torch", "deepspeed"]
 TORCH_EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 
 
@@ -84,8 +84,8 @@ def dist_info_from_env() -> DistInfo:
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    """Optimisation settings shared by both engines (built from ``TrainStageConfig``)."""
+class BackendSettings:
+    """Optimisation settings shared by both backends (built from ``TrainStageConfig``)."""
 
     lr: float = 1e-4
     weight_decay: float = 0.05
@@ -120,7 +120,7 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, s: EngineSettings) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, s: BackendSettings) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(s.warmup_steps, s.total_steps, s.min_lr_ratio))
 
 
@@ -180,13 +180,13 @@ def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-class Engine(ABC):
+class Backend(ABC):
     """One optimizer step = ``grad_accum_steps`` micro-batches on every rank."""
 
-    kind: EngineKind
+    kind: BackendKind
     dist: DistInfo
     device: torch.device
-    settings: EngineSettings
+    settings: BackendSettings
 
     @property
     @abstractmethod
@@ -214,7 +214,7 @@ class Engine(ABC):
         (raises one of :data:`CHECKPOINT_READ_ERRORS` when a file is truncated or refused)."""
         files = sorted(p for p in Path(ckpt_dir).rglob("*.pt") if p.is_file())
         if not files:
-            raise FileNotFoundError(f"no engine state in {ckpt_dir}")
+            raise FileNotFoundError(f"no backend state in {ckpt_dir}")
         for f in files:
             load_tensors(f)
 
@@ -263,19 +263,19 @@ def scalar_outputs(out: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
 
 
-def build_engine(kind: EngineKind, model: nn.Module, settings: EngineSettings, dist: DistInfo | None = None) -> Engine:
-    """Wrap ``model`` in the chosen engine (the DeepSpeed module is imported only here)."""
+def build_backend(kind: BackendKind, model: nn.Module, settings: BackendSettings, dist: DistInfo | None = None) -> Backend:
+    """Wrap ``model`` in the chosen backend (the DeepSpeed module is imported only here)."""
     dist = dist or dist_info_from_env()
     if not torch.cuda.is_available():
         # Adam's second moments decay into denormal floats, which x86 CPUs process ~100x
         # slower; flushing them to zero changes no result that matters and keeps steps fast.
         torch.set_flush_denormal(True)
     if kind == "torch":
-        from ram_model.engines.torch_engine import TorchEngine
+        from ram_model.backends.torch_backend import TorchBackend  # lazy: subclasses Backend from this module
 
-        return TorchEngine(model, settings, dist)
+        return TorchBackend(model, settings, dist)
     if kind == "deepspeed":
-        from ram_model.engines.deepspeed_engine import DeepSpeedEngine
+        from ram_model.backends.deepspeed_backend import DeepSpeedBackend  # lazy: DeepSpeed only when chosen
 
-        return DeepSpeedEngine(model, settings, dist)
-    raise ValueError(f"unknown engine {kind!r}: expected 'torch' or 'deepspeed'")
+        return DeepSpeedBackend(model, settings, dist)
+    raise ValueError(f"unknown training backend {kind!r}: expected 'torch' or 'deepspeed'")

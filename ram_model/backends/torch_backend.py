@@ -1,4 +1,4 @@
-"""Plain PyTorch engine: AdamW + warmup-cosine, DDP (gloo on CPU, NCCL on GPU) above one process."""
+"""Plain PyTorch backend: AdamW + warmup-cosine, DDP (gloo on CPU, NCCL on GPU) above one process."""
 
 from __future__ import annotations
 
@@ -10,27 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ram_model.engines import (
-    DistInfo,
-    Engine,
-    EngineSettings,
-    default_device,
-    ensure_process_group,
-    load_tensors,
-    make_scheduler,
-    move_to,
-    param_groups,
-    scalar_outputs,
-)
+from ram_model.backends import (Backend, BackendSettings, DistInfo, default_device, ensure_process_group,
+                                load_tensors, make_scheduler, move_to, param_groups, scalar_outputs)
 
 log = logging.getLogger(__name__)
-STATE_FILE = "torch_engine.pt"
+STATE_FILE = "torch_backend.pt"
 
 
-class TorchEngine(Engine):
+class TorchBackend(Backend):
     kind = "torch"
 
-    def __init__(self, model: nn.Module, settings: EngineSettings, dist: DistInfo) -> None:
+    def __init__(self, model: nn.Module, settings: BackendSettings, dist: DistInfo) -> None:
         self.settings, self.dist = settings, dist
         self.device = default_device(dist)
         self._model = model.to(self.device)

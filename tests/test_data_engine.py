@@ -212,11 +212,12 @@ def test_adaptation_recipe_and_split():
     from ram_model.data import is_validation_key
 
     base = {"model": "ram_effnet_lite0", "model_overrides": {"image_size": 96}, "splits": ["pretrain"],
-            "epochs": 5, "lr": 2e-3, "warmup_steps": 50, "validation_fraction": 0.05, "engine": "deepspeed"}
+            "epochs": 5, "lr": 2e-3, "warmup_steps": 50, "validation_fraction": 0.05, "backend": "deepspeed"}
     cfg = adapt_config(base, "finetune", epochs=3, lr=5e-4, holdout=0.5)
     assert cfg["splits"] == ["finetune"] and cfg["epochs"] == 3 and cfg["lr"] == 5e-4
     assert cfg["validation_fraction"] == 0.5 and cfg["warmup_steps"] == 5 and cfg["resume"] is False
     assert cfg["model"] == "ram_effnet_lite0" and cfg["model_overrides"] == {"image_size": 96}
+    assert cfg["backend"] == "torch"  # the adaptation trains in process whatever the base used
     keys = [f"ft_{i:05d}" for i in range(400)]
     used = trained_on(keys, 0.5)
     held = {k for k in keys if is_validation_key(k, 0.5)}

@@ -1,9 +1,9 @@
-"""DeepSpeed engine (ZeRO 0-2). The only module in ramflow that imports ``deepspeed``.
+"""DeepSpeed backend (ZeRO 0-2). The only module in ramflow that imports ``deepspeed``.
 
 On CPU: ``DS_ACCELERATOR=cpu``, gloo, fp32 and DeepSpeed's torch AdamW
 (``{"type": "AdamW", "params": {"torch_adam": true}}``: the fused CPU Adam op would need a
 compiler run per machine). On CUDA: NCCL and optional bf16. The JSON config is built from
-:class:`~ram_model.engines.EngineSettings` by :func:`deepspeed_config`.
+:class:`~ram_model.backends.BackendSettings` by :func:`deepspeed_config`.
 """
 
 from __future__ import annotations
@@ -16,22 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ram_model.engines import (
-    DistInfo,
-    Engine,
-    EngineSettings,
-    default_device,
-    ensure_process_group,
-    ensure_torch_extensions_dir,
-    load_tensors,
-    make_scheduler,
-    move_to,
-    param_groups,
-    scalar_outputs,
-)
+from ram_model.backends import (Backend, BackendSettings, DistInfo, default_device, ensure_process_group,
+                                ensure_torch_extensions_dir, load_tensors, make_scheduler, move_to, param_groups,
+                                scalar_outputs)
 
 log = logging.getLogger(__name__)
-CKPT_TAG = "engine"
+CKPT_TAG = "backend"
 
 
 def checkpoint_classes() -> list[type]:
@@ -54,7 +44,7 @@ def _weights_only_loader(allowed: list[type]):
     return load
 
 
-def deepspeed_config(s: EngineSettings, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(s: BackendSettings, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed JSON config for these settings (global batch = micro x accum x world)."""
     if s.zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage must be 0, 1 or 2 (ZeRO-3 partitions weights), got {s.zero_stage}")
@@ -79,10 +69,10 @@ def deepspeed_config(s: EngineSettings, world_size: int, on_gpu: bool) -> dict[s
     return cfg
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedBackend(Backend):
     kind = "deepspeed"
 
-    def __init__(self, model: nn.Module, settings: EngineSettings, dist: DistInfo) -> None:
+    def __init__(self, model: nn.Module, settings: BackendSettings, dist: DistInfo) -> None:
         on_gpu = torch.cuda.is_available()
         # Must be set before deepspeed is imported: it picks its accelerator at import time.
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
@@ -105,38 +95,38 @@ class DeepSpeedEngine(Engine):
                 tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
         self._model = model
         self.config = deepspeed_config(settings, dist.world_size, on_gpu)
-        self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self._ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, settings.weight_decay),
             config=self.config,
             lr_scheduler=lambda opt: make_scheduler(opt, settings),
         )
-        self.device = self._engine.device if isinstance(self._engine.device, torch.device) else torch.device(self._engine.device)
+        self.device = self._ds_engine.device if isinstance(self._ds_engine.device, torch.device) else torch.device(self._ds_engine.device)
         self._allowed = checkpoint_classes()
         # every file DeepSpeed reads back goes through its checkpoint engine's load
-        self._engine.checkpoint_engine.load = _weights_only_loader(self._allowed)
+        self._ds_engine.checkpoint_engine.load = _weights_only_loader(self._allowed)
 
     @property
     def module(self) -> nn.Module:
-        return self._engine.module
+        return self._ds_engine.module
 
     def current_lr(self) -> float:
-        return float(self._engine.get_lr()[0])
+        return float(self._ds_engine.get_lr()[0])
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
         if len(micro_batches) != self.settings.grad_accum_steps:
             raise ValueError(f"expected {self.settings.grad_accum_steps} micro-batches, got {len(micro_batches)}")
-        self._engine.train()
+        self._ds_engine.train()
         lr = self.current_lr()
         sums: dict[str, float] = {}
         n = len(micro_batches)
         for batch in micro_batches:
-            out = self._engine(move_to(batch, self.device))
-            self._engine.backward(out["loss"])  # DeepSpeed divides by grad_accum_steps itself
-            self._engine.step()  # applies the optimizer only at the accumulation boundary
+            out = self._ds_engine(move_to(batch, self.device))
+            self._ds_engine.backward(out["loss"])  # DeepSpeed divides by grad_accum_steps itself
+            self._ds_engine.step()  # applies the optimizer only at the accumulation boundary
             for k, v in scalar_outputs(out).items():
                 sums[k] = sums.get(k, 0.0) + v / n
-        norm = self._engine.get_global_grad_norm()
+        norm = self._ds_engine.get_global_grad_norm()
         stats = self.reduce_mean(sums)
         stats["lr"] = lr
         if norm is not None:  # DeepSpeed reports it only when it computed one (clipping on)
@@ -145,7 +135,7 @@ class DeepSpeedEngine(Engine):
 
     def save(self, ckpt_dir: Path) -> None:
         # ZeRO-1/2 shard optimizer state: every rank writes its own partition.
-        self._engine.save_checkpoint(str(ckpt_dir), tag=CKPT_TAG, save_latest=False)
+        self._ds_engine.save_checkpoint(str(ckpt_dir), tag=CKPT_TAG, save_latest=False)
 
     def check(self, ckpt_dir: Path) -> None:
         files = sorted((Path(ckpt_dir) / CKPT_TAG).glob("*.pt"))
@@ -155,7 +145,7 @@ class DeepSpeedEngine(Engine):
             load_tensors(f, allowed=self._allowed)
 
     def load(self, ckpt_dir: Path) -> None:
-        path, _ = self._engine.load_checkpoint(
+        path, _ = self._ds_engine.load_checkpoint(
             str(ckpt_dir), tag=CKPT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
         )
         if path is None:

@@ -1,4 +1,4 @@
-"""Engine parity (torch vs DeepSpeed at world size 1), LR schedule and checkpoint resume."""
+"""Training backend parity (torch vs DeepSpeed at world size 1), LR schedule and checkpoint resume."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from _train_helpers import TAGS, TinyTagger, make_split, write_code_pickle
 from ramflow_io.formats import labels_path, list_shards
 from ram_model.data import AugmentConfig, TrainLoader, index_shards, load_label_table
-from ram_model.engines import WarmupCosine
+from ram_model.backends import WarmupCosine
 from ram_model.trainer import TRAINER_STATE, Trainer, TrainStageConfig, latest_checkpoint, seed_everything
 
-# Per-step loss tolerance between the two engines at world size 1. Both run torch's AdamW
+# Per-step loss tolerance between the two backends at world size 1. Both run torch's AdamW
 # (DeepSpeed with torch_adam) on the same fp32 graph; measured difference is 0.0 on CPU.
 PARITY_ATOL = 1e-6
 
@@ -30,7 +30,7 @@ def root(tmp_path_factory):
 
 def _cfg(**kw) -> TrainStageConfig:
     base = dict(model="ram_tiny", batch_size=8, micro_batch_size=4, lr=5e-2, warmup_steps=2, max_steps=6,
-                checkpoint_every=3, num_workers=2, shuffle_buffer=8, seed=1, validation_fraction=0.0, engine="torch")
+                checkpoint_every=3, num_workers=2, shuffle_buffer=8, seed=1, validation_fraction=0.0, backend="torch")
     base.update(kw)
     return TrainStageConfig(**base)
 
@@ -65,13 +65,13 @@ def test_warmup_cosine_schedule():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_and_deepspeed_match_at_world_size_one(root, tmp_path, channels_last):
     """Same losses and LRs; with channels_last weights too (DeepSpeed needs them in the default
-    layout to broadcast them, so its engine converts them: a different conv kernel order, hence
+    layout to broadcast them, so its backend converts them: a different conv kernel order, hence
     the looser tolerance there)."""
     runs = {}
-    for engine in ("torch", "deepspeed"):
-        t = _trainer(root, tmp_path / engine, _cfg(engine=engine, zero_stage=0), channels_last)
-        runs[engine] = t.fit()
-        assert t.engine.kind == engine
+    for backend in ("torch", "deepspeed"):
+        t = _trainer(root, tmp_path / backend, _cfg(backend=backend, zero_stage=0), channels_last)
+        runs[backend] = t.fit()
+        assert t.backend.kind == backend
     a, b = _losses(runs["torch"]), _losses(runs["deepspeed"])
     assert len(a) == len(b) == 6
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 if channels_last else PARITY_ATOL)
@@ -81,20 +81,20 @@ def test_torch_and_deepspeed_match_at_world_size_one(root, tmp_path, channels_la
     assert lrs_t[0] == pytest.approx(0.025) and lrs_t[1] == pytest.approx(0.05) and lrs_t[-1] < lrs_t[2]
 
 
-# DeepSpeed cases are in the slow tier: the first DeepSpeed engine of a session compiles a comm op
+# DeepSpeed cases are in the slow tier: the first DeepSpeed backend of a session compiles a comm op
 # (~2/3 of the unit tier's time on 2 cores); the torch cases check the same resume logic there.
 DEEPSPEED = pytest.param("deepspeed", marks=pytest.mark.slow)
 
 
-@pytest.mark.parametrize("engine", ["torch", DEEPSPEED])
-def test_resume_after_interruption_gives_identical_losses_and_weights(root, tmp_path, engine):
-    cfg = _cfg(engine=engine, zero_stage=2 if engine == "deepspeed" else 0, max_steps=8, checkpoint_every=4)
+@pytest.mark.parametrize("backend", ["torch", DEEPSPEED])
+def test_resume_after_interruption_gives_identical_losses_and_weights(root, tmp_path, backend):
+    cfg = _cfg(backend=backend, zero_stage=2 if backend == "deepspeed" else 0, max_steps=8, checkpoint_every=4)
     straight = _trainer(root, tmp_path / "straight", cfg)
     full = straight.fit()
     # "killed" after step 5: the last checkpoint is step 4, steps 5.. are redone after the resume
     first = _trainer(root, tmp_path / "killed", cfg)
     part = first.fit(until_step=5)
-    assert part.stopped_early and latest_checkpoint(tmp_path / "killed")[1]["step"] == 4
+    assert part.stopped_early and latest_checkpoint(tmp_path / "killed").state["step"] == 4
     del first
     torch.manual_seed(12345)  # scramble every RNG: the resume must restore them
     random.seed(6789)
@@ -104,7 +104,7 @@ def test_resume_after_interruption_gives_identical_losses_and_weights(root, tmp_
     rest = second.fit()
     assert rest.steps == 8 and not rest.stopped_early
     np.testing.assert_allclose(_losses(rest), _losses(full), rtol=0, atol=1e-6)  # history restored + continued
-    w1, w2 = straight.engine.module.state_dict(), second.engine.module.state_dict()
+    w1, w2 = straight.backend.module.state_dict(), second.backend.module.state_dict()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6)
 
@@ -114,33 +114,33 @@ def _truncate(path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("engine,damage", [
-    ("torch", "engine_state"), ("torch", "trainer_state"), ("torch", "rng_state"), ("torch", "pickled_code"),
-    pytest.param("deepspeed", "engine_state", marks=pytest.mark.slow),
+@pytest.mark.parametrize("backend,damage", [
+    ("torch", "backend_state"), ("torch", "trainer_state"), ("torch", "rng_state"), ("torch", "pickled_code"),
+    pytest.param("deepspeed", "backend_state", marks=pytest.mark.slow),
     pytest.param("deepspeed", "pickled_code", marks=pytest.mark.slow),
 ])
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(root, tmp_path, caplog, engine, damage):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(root, tmp_path, caplog, backend, damage):
     """Killed after step 5 with checkpoints at 2 and 4; step 4 is then truncated (or one of its
     files replaced by a pickle that runs code): the resume warns, takes step 2 and the run ends
     exactly as the uninterrupted one, without ever running the pickled code."""
-    cfg = _cfg(engine=engine, zero_stage=2 if engine == "deepspeed" else 0, max_steps=8, checkpoint_every=2)
+    cfg = _cfg(backend=backend, zero_stage=2 if backend == "deepspeed" else 0, max_steps=8, checkpoint_every=2)
     straight = _trainer(root, tmp_path / "straight", cfg)
     full = straight.fit()
     first = _trainer(root, tmp_path / "killed", cfg)
     first.fit(until_step=5)
     del first
     step4 = tmp_path / "killed" / "checkpoints" / "step_00000004"
-    engine_file = (step4 / "torch_engine.pt" if engine == "torch"
-                   else next((step4 / "engine").glob("*optim_states.pt")))
+    backend_file = (step4 / "torch_backend.pt" if backend == "torch"
+                   else next((step4 / "backend").glob("*optim_states.pt")))
     marker = tmp_path / "marker"
-    if damage == "engine_state":
-        _truncate(engine_file)
+    if damage == "backend_state":
+        _truncate(backend_file)
     elif damage == "trainer_state":
         _truncate(step4 / TRAINER_STATE)
     elif damage == "rng_state":
         _truncate(step4 / "rng_rank0.pt")
     else:
-        write_code_pickle(engine_file, marker)
+        write_code_pickle(backend_file, marker)
     torch.manual_seed(12345)  # scramble every RNG: the resume must restore them
     random.seed(6789)
     np.random.seed(42)
@@ -153,7 +153,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(root, tmp_pa
     rest = second.fit()
     assert rest.steps == 8
     np.testing.assert_allclose(_losses(rest), _losses(full), rtol=0, atol=1e-6)
-    w1, w2 = straight.engine.module.state_dict(), second.engine.module.state_dict()
+    w1, w2 = straight.backend.module.state_dict(), second.backend.module.state_dict()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6)
     names = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
@@ -162,24 +162,24 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(root, tmp_pa
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_as_latest(root, tmp_path, monkeypatch):
-    """A save killed half-way (engine state half written) publishes nothing: no step folder, the
+    """A save killed half-way (backend state half written) publishes nothing: no step folder, the
     pointer unchanged, and the resume continues from the last complete checkpoint."""
     cfg = _cfg(max_steps=8, checkpoint_every=2)
     t = _trainer(root, tmp_path / "run", cfg)
     t.fit(until_step=2)
-    real_save = t.engine.save
+    real_save = t.backend.save
 
     def dies_half_way(ckpt_dir):
         real_save(ckpt_dir)
-        _truncate(ckpt_dir / "torch_engine.pt")
+        _truncate(ckpt_dir / "torch_backend.pt")
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(t.engine, "save", dies_half_way)
+    monkeypatch.setattr(t.backend, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         t.fit(until_step=4)
     root_dir = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root_dir.glob("step_*")) == ["step_00000002"]
-    assert latest_checkpoint(tmp_path / "run")[1]["step"] == 2
+    assert latest_checkpoint(tmp_path / "run").state["step"] == 2
     again = _trainer(root, tmp_path / "run", cfg)
     assert again.resume() and again.state.step == 2
     assert again.fit().steps == 8
@@ -198,7 +198,7 @@ def test_checkpoints_every_n_steps_and_keeps_the_latest(root, tmp_path):
     t.fit()
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert names == ["step_00000004", "step_00000006"]
-    assert latest_checkpoint(tmp_path / "run")[1]["step"] == 6
+    assert latest_checkpoint(tmp_path / "run").state["step"] == 6
 
 
 def test_missing_label_rejection_starts_at_its_share_of_training(root, tmp_path):
@@ -219,12 +219,12 @@ def test_batch_size_must_split_into_micro_batches(root, tmp_path):
         _trainer(root, tmp_path, _cfg(batch_size=6, micro_batch_size=4))
 
 
-def test_only_the_deepspeed_engine_imports_deepspeed():
+def test_only_the_deepspeed_backend_imports_deepspeed():
     pkg = os.path.join(os.path.dirname(__file__), "..", "ram_model")
     offenders = []
     for dirpath, _, files in os.walk(pkg):
         for f in files:
-            if f.endswith(".py") and f != "deepspeed_engine.py":
+            if f.endswith(".py") and f != "deepspeed_backend.py":
                 text = open(os.path.join(dirpath, f), encoding="utf-8").read()
                 if "import deepspeed" in text or "from deepspeed" in text:
                     offenders.append(f)
