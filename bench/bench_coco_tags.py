@@ -55,6 +55,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _skip import skip_unless_present  # noqa: E402
+
 log = logging.getLogger("bench_coco_tags")
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "coco_dev" / "coco_caption_objects.jsonl"  # repo-relative
@@ -186,8 +188,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     data = args.data or (ROOT / DEFAULT_DATA)
     out_dir = args.out or (ROOT / DEFAULT_OUT)
-    if not data.exists():
-        ap.error(f"{data} not found: pass --data PATH/coco_caption_objects.jsonl")
+    skip_unless_present(data, "pass --data PATH/coco_caption_objects.jsonl")
     wall0 = time.perf_counter()
     train_rows, eval_rows = split_rows(read_jsonl(data))
     rows = train_rows + eval_rows

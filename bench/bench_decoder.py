@@ -119,7 +119,7 @@ def main() -> None:
         model = create_model("ram_effnet_lite0", pretrained=False, tag_names=names, caption=False,
                              image_size=args.image_size, **flags)
         model.visual_encoder = None  # frozen features are precomputed: what is left is the head
-        heads[name] = ((lambda t, m=model: m._decode_tags(m.project_tokens(t))[0]), list(model.parameters()))
+        heads[name] = ((lambda t, m=model: m._decode_tags(m.project_tokens(t)).logits), list(model.parameters()))
     for name, (fn, params) in heads.items():
         seconds = train_head(fn, params, f_train, y_train, args.epochs, args.lr, args.batch, args.seed)
         with torch.no_grad():

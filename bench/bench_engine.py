@@ -12,7 +12,7 @@ Reports, all measured in this run:
 
 Usage::
 
-    .venv/bin/python bench/bench_engine.py --root data --model data/models/preliminary \\
+    .venv/bin/python bench/bench_engine.py --root data --model data/models/preliminary_model \\
         --split pretrain --max-images 1000 --out bench/results/engine.json
 """
 
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _skip import skip_unless_present  # noqa: E402
 
 from ramflow_io import formats  # noqa: E402
 from engine_rounds import EngineConfig, load_engine_model, run_engine  # noqa: E402
@@ -85,7 +87,7 @@ def region_check(model, shards, id_of, cfg: EngineConfig, n_images: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("data"))
-    ap.add_argument("--model", type=Path, default=None, help="preliminary checkpoint (default: models/preliminary)")
+    ap.add_argument("--model", type=Path, default=None, help="preliminary model (default: ROOT/models/preliminary_model)")
     ap.add_argument("--split", default="pretrain")
     ap.add_argument("--params", default=None)
     ap.add_argument("--max-images", type=int, default=1000)
@@ -98,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_engine.label_system import LabelSystem
 
-    model_path = args.model or formats.model_dir(args.root, "preliminary")
+    model_path = args.model or formats.model_dir(args.root, "preliminary_model")
     # the pass's speed does not depend on the weights: no adaptation fine-tune here
     cfg = stage_config(EngineConfig, "engine", args.params, max_images=args.max_images, adapt_epochs=0)
     labels = formats.labels_path(args.root, args.split)
+    hint = "a finished pipeline's data root: run `make run` first, or pass --root / --model"
+    skip_unless_present(labels, hint)
+    skip_unless_present(model_path, hint)
     ls_dir = formats.label_system_dir(args.root)
     report_dir = args.report_dir or args.out.parent / "engine_report"
     results: dict = {"config": cfg.model_dump(), "split": args.split, "model": str(model_path)}

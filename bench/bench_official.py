@@ -12,7 +12,7 @@ and the median of the per-repeat ratios. Logit differences are measured against 
 the same inputs, and (``--golden``) the fast path against the official code's golden logits.
 
     python bench/bench_official.py --repeats 3                 # weights regenerated in a temp dir
-    python bench/bench_official.py --weights /tmp/ram_seed0.pth --batches 1 8 --onnx
+    python bench/bench_official.py --weights ram_seed0.pth --batches 1 8 --onnx
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _skip import skip_unless_present  # noqa: E402
 from official_reference import golden_inputs, load_official  # noqa: E402
 
 LOG = logging.getLogger("bench_official")
@@ -75,8 +76,7 @@ def _weights(args: argparse.Namespace, tmp: Path) -> Path:
     if args.weights:
         return Path(args.weights)
     script = args.shared / "reference" / "official_ram" / "golden" / "official_weights.py"
-    if not script.is_file():
-        raise SystemExit(f"{script} not found: pass --weights or --shared")
+    skip_unless_present(script, "pass --weights or --shared")
     out = tmp / f"ram_seed{args.seed}.pth"
     LOG.info("regenerating official-layout weights (seed %d) in %s", args.seed, tmp)
     subprocess.run([sys.executable, str(script), "ram", str(out), "--seed", str(args.seed)], check=True)
@@ -108,7 +108,7 @@ def build_modes(args: argparse.Namespace, weights: Path, tmp: Path) -> tuple[dic
         modes[name] = (lambda d: (lambda x: fast_tag_logits(model, x, dtype=d)))(dtype)
     setup["fast_path_resident_mib"] = PeakRss.rss() - before
     if args.with_module:
-        modes["ramflow_module_fp32"] = lambda x: model._decode_tags(model.encode_image(x)[0])[0]
+        modes["ramflow_module_fp32"] = lambda x: model._decode_tags(model.encode_image(x)[0]).logits
     if args.onnx:
         from ram_model.onnx_export import export_tag_path, onnx_session
 

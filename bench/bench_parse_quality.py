@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _skip import skip_unless_present  # noqa: E402
 SHARED = ROOT.parent / "shared"
 
 
@@ -74,8 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-label-system", action="store_true", help="raw rows only (no 25k parse)")
     ap.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "parse_quality.json")
     args = ap.parse_args(argv)
-    if not (args.harness / "parse_eval.py").is_file():
-        raise SystemExit(f"parse_eval harness not found in {args.harness} (give --harness)")
+    skip_unless_present(args.harness / "parse_eval.py", "give --harness")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_parse_quality_"))
     work.mkdir(parents=True, exist_ok=True)
     cli = f"{sys.executable} -m orchestration.cli parse"

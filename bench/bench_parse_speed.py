@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from _skip import skip_unless_present
+
 _T0 = time.perf_counter()  # child start-up is measured from here
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -165,8 +167,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.captions, args.harness, args.limit, args.warmup)))
         return 0
-    if not args.captions.is_file():
-        raise SystemExit(f"captions not found: {args.captions} (give --captions)")
+    skip_unless_present(args.captions, "give --captions")
+    skip_unless_present(args.harness, "give --harness")
     res = {"captions_file": _rel(args.captions), "cpu_count": os.cpu_count(),
            "python": platform.python_version(), "loadavg_start": os.getloadavg(),
            "note": "one process per parser, 1 BLAS thread; run on a machine shared with other "

@@ -35,6 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import requests
@@ -49,7 +50,7 @@ def build_pyfunc(spec: str, root: Path) -> Path:
     """A random-weight model of ``spec`` (``NAME@SIZE``) saved as a pyfunc folder under ``root``."""
     import mlflow
 
-    from ram_model.checkpoint import save_checkpoint
+    from ram_model.checkpoint import save_model
     from ram_model.registry import create_model
     from ram_model.serving import SIGNATURE, RamTaggerModel
 
@@ -58,7 +59,7 @@ def build_pyfunc(spec: str, root: Path) -> Path:
     torch.manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(len(TAGS), 384), dim=-1)  # [C, text_dim]
     model = create_model(name, pretrained=False, tag_names=TAGS, tag_embeddings=emb, **overrides)
-    save_checkpoint(model, root / "model")
+    save_model(model, root / "model")
     out = root / "pyfunc"
     mlflow.pyfunc.save_model(path=str(out), python_model=RamTaggerModel(), signature=SIGNATURE,
                              artifacts={"checkpoint": str(root / "model")})
@@ -150,6 +151,12 @@ def same(pred: dict | None, expected: list[tuple[str, float]]) -> bool:
             and np.allclose(pred["scores"], [s for _, s in expected], rtol=1e-4, atol=1e-5))
 
 
+class Answer(NamedTuple):
+    seconds: float    # request latency
+    status: int       # HTTP status
+    right: bool       # the prediction equals the in-process one
+
+
 def concurrent_load(url: str, payloads: list[tuple[dict, list]], clients: int) -> dict:
     """Send every payload with ``clients`` threads; latencies, throughput, errors, wrong answers."""
     sessions = [requests.Session() for _ in range(clients)]
@@ -157,16 +164,16 @@ def concurrent_load(url: str, payloads: list[tuple[dict, list]], clients: int) -
     def one(i: int):
         payload, expected = payloads[i]
         elapsed, status, pred = post(sessions[i % clients], url, payload)
-        return elapsed, status, same(pred, expected)
+        return Answer(elapsed, status, same(pred, expected))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(len(payloads))))
     wall = time.perf_counter() - start
-    lat = [r[0] for r in results]
+    lat = [r.seconds for r in results]
     return {"clients": clients, "requests": len(results), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
-            "throughput_rps": len(results) / wall, "errors": sum(r[1] != 200 for r in results),
-            "wrong_answers": sum(r[1] == 200 and not r[2] for r in results)}
+            "throughput_rps": len(results) / wall, "errors": sum(r.status != 200 for r in results),
+            "wrong_answers": sum(r.status == 200 and not r.right for r in results)}
 
 
 def long_tag_list(url: str, b64: str, n: int) -> dict:

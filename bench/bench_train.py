@@ -3,9 +3,9 @@
 Every variant runs through the same torchrun launcher (``launch_train_stage``) on the same data
 and config, so start-up costs are alike; throughput is measured from the per-step timings of
 the training loop after ``--skip`` warm-up steps (samples / seconds of those steps), never from
-wall time. Ratios are against the torch engine measured in the same run.
+wall time. Ratios are against the torch backend measured in the same run.
 
-    python bench/bench_train.py --data-root /tmp/rf/data --steps 40          # corpus data
+    python bench/bench_train.py --data-root data --steps 40                  # corpus data (a run's data root)
     python bench/bench_train.py --steps 40                                   # synthetic shards
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("bench_train")
 
-# engine, procs, zero stage. torch x2 (DDP) sees the same per-rank data as deepspeed x2, so it
+# backend, procs, zero stage. torch x2 (DDP) sees the same per-rank data as deepspeed x2, so it
 # separates "2 processes read the data in another order" from "DeepSpeed computes differently".
 VARIANTS = (("torch", 1, 0), ("deepspeed", 1, 2), ("torch", 2, 0), ("deepspeed", 2, 2))
 
@@ -116,33 +116,33 @@ def main(argv: list[str] | None = None) -> int:
         root = args.data_root or synthetic_root(tmp / "data", args.synthetic_samples, shards=4)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
         results = []
-        for engine, nproc, zero in VARIANTS:
+        for backend, nproc, zero in VARIANTS:
             cfg = TrainStageConfig(
-                model=args.model, engine=engine, zero_stage=zero, max_steps=args.steps, batch_size=args.batch_size,
+                model=args.model, backend=backend, zero_stage=zero, max_steps=args.steps, batch_size=args.batch_size,
                 micro_batch_size=args.micro_batch_size if nproc == 1 else args.batch_size // 2,
                 num_workers=args.num_workers, checkpoint_every=10**6, warmup_steps=5, validation_fraction=0.0,
                 resume=False, caption=not args.no_caption, lr=args.lr, grad_clip=0.0,
                 model_overrides={"image_size": args.image_size} if args.image_size else {},
             )
-            out = tmp / f"{engine}_{nproc}"
+            out = tmp / f"{backend}_{nproc}"
             res = launch_train_stage(cfg, root, out, [labels_path(root, "pretrain")], nproc=nproc,
                                      timeout_s=3600, evaluate_after=False)
             history = json.loads((out / "history.json").read_text())
             rate = steady_rate(history, args.skip, args.batch_size)
-            results.append({"engine": engine, "nproc": nproc, "zero_stage": zero, "samples_per_s": rate,
+            results.append({"backend": backend, "nproc": nproc, "zero_stage": zero, "samples_per_s": rate,
                             "losses": [h["loss"] for h in history],
                             "final_loss": res.metrics["final_loss"], "launch_seconds": res.metrics["launch_seconds"]})
-            log.info("%s x%d: %.1f samples/s", engine, nproc, rate)
+            log.info("%s x%d: %.1f samples/s", backend, nproc, rate)
     base = results[0]["samples_per_s"]
     for r in results:
         r["ratio_vs_torch"] = r["samples_per_s"] / base
-    torch_of = {r["nproc"]: r for r in results if r["engine"] == "torch"}
+    torch_of = {r["nproc"]: r for r in results if r["backend"] == "torch"}
     for r in results:
         r["curve_vs_torch"] = curve_gap(results[0]["losses"], r["losses"], args.smooth)
         r["curve_vs_torch_same_procs"] = curve_gap(torch_of[r["nproc"]]["losses"], r["losses"], args.smooth)
-    print(f"{'engine':<10} {'procs':>5} {'zero':>4} {'samples/s':>10} {'vs torch':>9} {'final loss':>10}")
+    print(f"{'backend':<10} {'procs':>5} {'zero':>4} {'samples/s':>10} {'vs torch':>9} {'final loss':>10}")
     for r in results:
-        print(f"{r['engine']:<10} {r['nproc']:>5} {r['zero_stage']:>4} {r['samples_per_s']:>10.1f} "
+        print(f"{r['backend']:<10} {r['nproc']:>5} {r['zero_stage']:>4} {r['samples_per_s']:>10.1f} "
               f"{r['ratio_vs_torch']:>8.2f}x {r['final_loss']:>10.4f}  curve gap vs torch (smoothed {args.smooth}): "
               f"mean {r['curve_vs_torch']['mean_abs_diff']:.4f} ({100 * r['curve_vs_torch']['rel_mean_abs_diff']:.2f}%); "
               f"vs torch x{r['nproc']}: {100 * r['curve_vs_torch_same_procs']['rel_mean_abs_diff']:.2f}%")
