@@ -2,7 +2,7 @@
 
 The engine decides each (image, tag) label of the pretrain split from its tagger's probability
 and whether the caption names the tag: it adds a tag above its generation threshold and drops a
-label scored below its keep threshold (:mod:`engine_rounds.generation`). Both thresholds
+label scored below its keep threshold (:mod:`engine_rounds.tag_generation`). Both thresholds
 are set on the calibration images. This bench scores one engine tagger (a folder the engine
 saved, ``engine/engine_model`` or ``engine_refined/engine_model``) once on the pretrain split
 and on the calibration images it never trained on, with and without the mirror image
@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ramflow_io import formats  # noqa: E402
 from engine_rounds import EngineConfig, load_engine_model  # noqa: E402
 from engine_rounds.adapt import mixed_in, trained_on  # noqa: E402
-from engine_rounds.generation import keep_thresholds, precision_thresholds  # noqa: E402
-from engine_rounds.pipeline import iter_shard_samples, score_samples  # noqa: E402
+from engine_rounds.streaming import iter_shard_samples, score_samples  # noqa: E402
+from engine_rounds.tag_generation import keep_thresholds, precision_thresholds  # noqa: E402
 from engine_rounds.report import load_truth, truth_ids  # noqa: E402
 from data_engine.label_system import LabelSystem  # noqa: E402
 from orchestration.pipeline import ENGINE_STAGES, stage_spec  # noqa: E402

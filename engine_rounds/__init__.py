@@ -3,7 +3,7 @@
 ``run_engine`` is the stage function. It loads the preliminary model, the label system and the
 parsed labels of a split; optionally fine-tunes the model on half of the clean calibration
 split (:mod:`.adapt`); calibrates generation and keep thresholds on the other half
-(:mod:`.calibration`); streams the split's shards once (:mod:`.pipeline`); removes labels the
+(:mod:`.calibration`); streams the split's shards once (:mod:`.streaming`); removes labels the
 image scores too low and clusters each tag's region crops (:mod:`.cleaning`); and writes
 ``engine/{split}.parquet`` (``key, parse_label_ids, union_label_ids, added_ids, removed_ids``)
 and a report (:mod:`.report`): per-step precision/recall against the corpus truth when it
@@ -40,10 +40,10 @@ from ramflow_io.params import stage_config
 from . import adapt
 from .calibration import Calibration, calibrate, load_calibration
 from .cleaning import CleaningResult, clean_tags
-from .generation import caption_parser
-from .pipeline import Sample, StreamOptions, StreamState, iter_shard_samples, stream_labels
 from .regions import crop_image
 from .report import crop_figure, load_images, load_truth, per_tag_changes, precision_recall, truth_ids, write_json
+from .streaming import Sample, StreamOptions, StreamState, iter_shard_samples, stream_labels
+from .tag_generation import caption_parser
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class EngineConfig(BaseModel):
         "calibration split (None: threshold + margin for every class)")
     generation_pooled: bool = Field(
         True, description="one generation threshold for every calibrated class, set on their pooled calibration "
-        "predictions (False: one per class, each at generation_precision; see generation.precision_thresholds)")
+        "predictions (False: one per class, each at generation_precision; see tag_generation.precision_thresholds)")
     calibration_split: str = Field("finetune", description="split with complete, correct captions whose parsed "
                                    "labels calibrate generation")
     calibration_min_positives: int = Field(5, ge=1, description="fewer positives there: threshold + margin")

@@ -4,8 +4,8 @@ The preliminary model's own thresholds are set for F1 on noisy parsed labels, so
 little about how precise an added tag is, or how low a true tag may score. The ``finetune``
 split's captions name everything in the image and nothing else, so its parsed labels are a
 truth the engine may use: :func:`calibrate` scores those images with the engine's model and
-sets, per class, the generation threshold (:func:`.generation.precision_thresholds`) and the
-keep threshold (:func:`.generation.keep_thresholds`). With an adapted model
+sets, per class, the generation threshold (:func:`.tag_generation.precision_thresholds`) and the
+keep threshold (:func:`.tag_generation.keep_thresholds`). With an adapted model
 (:mod:`.adapt`) only the keys it never trained on calibrate.
 """
 
@@ -24,8 +24,8 @@ import torch
 
 from ramflow_io.formats import labels_path, list_shards
 
-from .generation import keep_thresholds, precision_thresholds
-from .pipeline import Sample, iter_shard_samples, score_samples
+from .streaming import Sample, iter_shard_samples, score_samples
+from .tag_generation import keep_thresholds, precision_thresholds
 
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Calibration:
     """Images whose labels are complete and correct (the fine-tune split's parsed captions):
-    they set the generation thresholds (:func:`.generation.precision_thresholds`)."""
+    they set the generation thresholds (:func:`.tag_generation.precision_thresholds`)."""
 
     samples: Iterable[Sample]
     labels: Mapping[str, Sequence[int]]

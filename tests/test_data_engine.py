@@ -19,7 +19,7 @@ from PIL import Image
 
 from engine_rounds import EngineConfig, Sample, engine_core
 from engine_rounds.cleaning import CropStore, clean_tags, kmeans_outliers
-from engine_rounds.generation import caption_parser, confident_tags, generate_labels, precision_thresholds
+from engine_rounds.tag_generation import caption_parser, confident_tags, generate_labels, precision_thresholds
 from engine_rounds.regions import attention_box_cells, attention_to_box, box_iou, crop_image, to_tensor
 
 COLORS = np.array([[220, 30, 30], [30, 200, 30], [30, 30, 220], [230, 220, 30]], dtype=np.float32)
@@ -587,7 +587,7 @@ class LeftHalfModel(torch.nn.Module):
 
 
 def test_flip_averages_the_probabilities_of_the_image_and_its_mirror():
-    from engine_rounds.pipeline import tag_probs
+    from engine_rounds.streaming import tag_probs
 
     x = torch.zeros(2, 3, 4, 4)
     x[0, 0, :, :2] = 1.0                     # image 0: bright left half; image 1: bright right half

@@ -5,7 +5,7 @@ One pass over the split's shards, ``batch_size`` images at a time:
 1. resize + normalise the batch (``[B, 3, S, S]``) and tag it (``tag_logits`` -> sigmoid;
    with ``flip``, the mean of the image's and its mirror image's probabilities: :func:`tag_probs`);
 2. generation: union of parsed tags, confident model tags and (optionally) tags parsed from
-   the captioning branch's caption (:mod:`.generation`); union tags the image scores below
+   the captioning branch's caption (:mod:`.tag_generation`); union tags the image scores below
    their keep threshold are flagged (``low_score``) for cleaning;
 3. cleaning input: the cross-attention maps of the batch's union tags
    (``tag_attention`` -> ``[B, T, h, w]``) give one region per (image, tag) (:mod:`.regions`);
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ramflow_io.shards import iter_samples
 
 from .cleaning import CropStore
-from .generation import GeneratedLabels, flag_low_scores, generate_labels
+from .tag_generation import GeneratedLabels, flag_low_scores, generate_labels
 from .regions import attention_to_box, crop_image, to_tensor
 
 
