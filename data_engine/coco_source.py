@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data_engine.coco80 import read_instances, read_jsonl
 from data_engine.ingest.images import clean_caption
-from data_engine.ingest.pipeline import ingest_pairs
 from data_engine.ingest.sources import RawPair, read_coco_captions
+from data_engine.ingest.steps import ingest_pairs
 from ramflow_io.formats import TRUTH_FIELD
 
 log = logging.getLogger(__name__)

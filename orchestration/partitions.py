@@ -13,7 +13,7 @@ import re
 from data_engine.coco_source import shard_counts, source_config
 from data_engine.corpus.config import CorpusConfig
 from data_engine.ingest.config import IngestConfig
-from data_engine.ingest.pipeline import embedded_shards
+from data_engine.ingest.steps import embedded_shards
 from ramflow_io.formats import SPLITS
 from ramflow_io.params import load_params
 
@@ -33,7 +33,7 @@ def parse_shard_key(key: str) -> tuple[str, int]:
 
 def shard_keys(params_path: str | os.PathLike | None = None) -> list[str]:
     """All shard keys of the embedded corpus, split by split in index order (as ingestion
-    numbers them: :func:`data_engine.ingest.pipeline.embedded_shards`)."""
+    numbers them: :func:`data_engine.ingest.steps.embedded_shards`)."""
     params = load_params(params_path)
     cfg = IngestConfig.model_validate(params.get("ingest") or {})
     source = source_config(params)

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from data_engine.coco_source import CocoSourceConfig, ingest_coco_source
 from data_engine.corpus.config import CorpusConfig
 from data_engine.ingest.config import IngestConfig
-from data_engine.ingest.pipeline import (ingest_embedded, ingest_embedded_shard, measure_written_noise,
-                                         merge_manifests)
+from data_engine.ingest.steps import (ingest_embedded, ingest_embedded_shard, measure_written_noise,
+                                      merge_manifests)
 from data_engine.ingest.writer import part_paths
 from data_engine.label_system import LabelSystemConfig, assign_label_ids, build_label_system
 from data_engine.parsing import ParseConfig, parse_split

@@ -147,15 +147,15 @@ def test_killed_ingest_keeps_old_split_and_next_ingest_cleans_up(old_root, tmp_p
 def test_crash_after_swap_rolls_forward(old_root, tmp_path, monkeypatch):
     """Killed between swapping the split in and writing the manifest: the next ingest rebuilds
     the manifest from the split folders, so manifest and shards agree again."""
-    from data_engine.ingest import pipeline
+    from data_engine.ingest import steps
 
     path = write_tar(tmp_path / "new.tar", [m for i in range(3) for m in sample_members(f"new{i}", f"c {i}")])
-    real = pipeline._write_manifest
-    monkeypatch.setattr(pipeline, "_write_manifest", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    real = steps._write_manifest
+    monkeypatch.setattr(steps, "_write_manifest", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError, match="killed"):
         ingest("img2dataset", old_root, CFG, path=path)
     assert _hidden(old_root) == [swap.PENDING]
-    monkeypatch.setattr(pipeline, "_write_manifest", real)
+    monkeypatch.setattr(steps, "_write_manifest", real)
     write_tar(tmp_path / "t.tar", sample_members("t1", "another test caption"))
     ingest("img2dataset", old_root, CFG, path=tmp_path / "t.tar", split="test")
     assert _hidden(old_root) == []

@@ -9,7 +9,7 @@ import pytest
 
 from _ingest_helpers import cut_tar_inside, image_bytes, png_bomb_header, sample_members, truncated_jpeg, write_coco, write_tar
 from data_engine.ingest import EmptyIngestError, IngestConfig, ImageRejected, ingest, normalize_image
-from data_engine.ingest.pipeline import summary_path
+from data_engine.ingest.steps import summary_path
 from ramflow_io.shards import read_manifest
 
 CFG = IngestConfig(shard_size=3, max_side=32, progress=False)

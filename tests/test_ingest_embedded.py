@@ -16,7 +16,7 @@ from data_engine.ingest import (
     ingest_embedded_shard,
     merge_manifests,
 )
-from data_engine.ingest.pipeline import summary_path
+from data_engine.ingest.steps import summary_path
 from ramflow_io.shards import iter_samples, read_manifest
 
 CFG = IngestConfig(shard_size=3, max_side=40, progress=False)

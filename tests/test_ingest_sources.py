@@ -12,7 +12,7 @@ from PIL import Image
 from _ingest_helpers import image_bytes, sample_members, write_coco, write_tar
 from ramflow_io.formats import MANIFEST_COLUMNS, list_shards
 from data_engine.ingest import IngestConfig, ingest, sanitize_key
-from data_engine.ingest.pipeline import summary_path
+from data_engine.ingest.steps import summary_path
 from ramflow_io.shards import iter_samples, read_manifest
 
 CFG = IngestConfig(shard_size=2, max_side=32, progress=False)

@@ -12,7 +12,8 @@ empty ingest leaves the previous split and manifest as they were.
 
 from data_engine.ingest.config import SKIP_REASONS, SOURCES, IngestConfig, IngestSummary, SplitCounts
 from data_engine.ingest.images import EncodedImage, ImageRejected, normalize_image, sanitize_key
-from data_engine.ingest.pipeline import (
+from data_engine.ingest.sources import RawPair, iter_coco, iter_img2dataset, iter_table
+from data_engine.ingest.steps import (
     EmptyIngestError,
     clear_split,
     embedded_shards,
@@ -27,7 +28,6 @@ from data_engine.ingest.pipeline import (
     merge_manifests,
     summary_path,
 )
-from data_engine.ingest.sources import RawPair, iter_coco, iter_img2dataset, iter_table
 from data_engine.ingest.writer import write_pairs
 
 __all__ = [

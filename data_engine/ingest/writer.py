@@ -3,7 +3,7 @@
 Each written shard ``raw/{split}/{split}-{i:06d}.tar`` gets a manifest part
 ``raw/{split}/parts/{split}-{i:06d}.parquet`` (its manifest rows) and ``.json`` (its counts:
 seen, written, skipped by reason, truncated input shards). The part JSON is written last, so
-it marks a finished shard; :func:`data_engine.ingest.pipeline.merge_manifests` joins the parts
+it marks a finished shard; :func:`data_engine.ingest.steps.merge_manifests` joins the parts
 into ``raw/manifest.parquet`` and ``raw/summary.json``. Items skipped while a shard is being
 filled are counted in that shard's part; skips after the last written sample go to the last
 shard. A split's shards and parts live in one folder, so a whole split can be written
