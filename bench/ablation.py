@@ -106,7 +106,7 @@ def _evaluate(models: dict[str, Path], root: Path, out_dir: Path) -> dict[str, d
     already scored its model on ``test`` (``train_result.json``); only a folder without those
     figures is evaluated here."""
     from ram_model import evaluate as ev
-    from ram_model.checkpoint import load_model
+    from ram_model.registry import load_model
 
     out = {}
     for name, path in models.items():

@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                                         pooled_features)
     from ram_model.paired_bootstrap import paired_bootstrap
     from ram_model.registry import get_config
-    from ram_model.text_encoder import build_text_encoder, embed_tag_names
+    from ram_model.registry import build_text_encoder
+    from ram_model.text_encoder import embed_tag_names
 
     torch.set_num_threads(args.threads)
     data = args.data or (ROOT / DEFAULT_DATA)

@@ -88,7 +88,7 @@ def score_split(model_dir: Path, root: Path, split: str, batch_size: int = 64) -
     import torch
 
     from engine_rounds.streaming import iter_shard_samples, score_samples
-    from ram_model.checkpoint import load_model
+    from ram_model.registry import load_model
 
     model = load_model(model_dir).eval()
     skipped: Counter = Counter()

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from data_engine.label_system import LabelSystem
 from data_engine.parsing import CaptionParser, ParseConfig
-from ram_model.checkpoint import load_model
+from ram_model.registry import load_model
 from ramflow_io.formats import list_shards
 from ramflow_io.params import stage_config
 

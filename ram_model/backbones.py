@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from ram_model.registry import EFFNET_LITE0_PACKAGE
+from ram_model.configs import EFFNET_LITE0_PACKAGE
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ram_model.backends import UnsafeCheckpointError, load_tensors
-from ram_model.registry import config_fields, config_overrides, create_unfilled_model
+from ram_model.configs import config_fields, config_overrides
 from ram_model.tokenizer import tokenizer_from_state
 
 FORMAT = "ramflow-model-v1"
@@ -129,28 +129,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild a registry model saved by :func:`save_model` (no pretrained weights are read), in
-    eval mode. A custom model's file names a factory, which is never imported from a file: build
-    the model with it and load :func:`load_state_dict`."""
-    blob = read_checkpoint(path)
-    if ":" in blob["model_name"] or not blob["model_name"]:
-        raise ValueError(f"{resolve_checkpoint(path)}: a custom model ({blob['model_name'] or 'factory unknown'}): "
-                         "build it with its factory and load its weights with load_state_dict()")
-    fields = blob.get("config")
-    if not fields:  # only the registry's differences: the model would follow today's defaults
-        raise ValueError(f"{resolve_checkpoint(path)}: written before model files stored their full config; "
-                         "retrain it, or build the model and load its weights with load_state_dict()")
-    tokenizer = tokenizer_from_state(blob["tokenizer"]) if blob.get("tokenizer") else None
-    # every persistent tensor is loaded below (strict): no random init to overwrite
-    model = create_unfilled_model(blob["model_name"], caption_tokenizer=tokenizer, **fields)
-    state = blob["state_dict"]
-    model.set_tags(blob["tag_names"], state["label_embed"], blob["thresholds"])
-    model.load_state_dict(state, strict=True)
-    model.checkpoint_extra = blob.get("extra", {})
-    return model.to(device).eval()
-
-
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Only the weights of a model file or folder (e.g. to initialise a new stage)."""
     state = read_checkpoint(path)["state_dict"]
@@ -160,4 +138,4 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["CHECKPOINT_FILE", "FORMAT", "LEGACY_STATE_FORMAT", "UnsafeCheckpointError", "file_sha256",
-           "load_model", "load_state_dict", "read_checkpoint", "resolve_checkpoint", "save_model"]
+           "load_state_dict", "read_checkpoint", "resolve_checkpoint", "save_model"]

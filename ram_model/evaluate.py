@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from ram_model.checkpoint import load_model, save_model
+from ram_model.checkpoint import save_model
+from ram_model.registry import load_model
 from ram_model.inference import load_image, preprocess
 from ramflow_io.formats import TRUTH_FIELD, list_shards
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ram_model import text_encoder as te
-from ram_model.checkpoint import load_model
+from ram_model import registry
+from ram_model.registry import load_model
 from ram_model.text_encoder import TagEmbeddingCache
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Tagger:
         """The model's text encoder, built once (lazily: only open-set calls need it)."""
         with self._encoder_lock:
             if self._text_encoder is None:
-                self._text_encoder = te.build_text_encoder(self.model.config.text_encoder)
+                self._text_encoder = registry.build_text_encoder(self.model.config.text_encoder)
             return self._text_encoder
 
     def default_tag_set(self) -> TagSet:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ram_model.backbones import backbone_tokens, create_backbone
 from ram_model.generation import CaptionDecoder, InteractionEncoder
 from ram_model.losses import asymmetric_loss, caption_lm_loss, combine_losses, distillation_loss
-from ram_model.registry import RamConfig
+from ram_model.configs import RamConfig
 from ram_model.tokenizer import build_tokenizer
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from ram_model.checkpoint import load_model
+from ram_model.registry import load_model
 
 log = logging.getLogger(__name__)
 

@@ -95,36 +95,6 @@ class TextEncoderUnavailable(RuntimeError):
     """The text encoder a model's label space needs is not available (no substitute is used)."""
 
 
-def build_text_encoder(name: str, config=None) -> TextEncoder:
-    """Text encoder named in a config.
-
-    ``"minilm"``; ``"open_clip_ram[:WEIGHTS]"`` (the official RAM / RAM++ label space: CLIP
-    ViT-B/16's text tower through open_clip, weights from a local file named here or in
-    ``$RAMFLOW_OPEN_CLIP_WEIGHTS``); ``"checkpoint_tags:MODEL_DIR"`` (the embeddings an imported
-    checkpoint holds for known names, CLIP for new ones); ``"none"`` (learned tag embeddings: no encoder can add tags);
-    ``"package.module:factory"`` (any callable returning a :class:`TextEncoder`). ``config`` (the
-    model's) only makes error messages name the model.
-    """
-    if name == "minilm":
-        return MiniLMTextEncoder()
-    if name == "open_clip_ram" or name.startswith("open_clip_ram:"):
-        from ram_model.official.openset import build_official_clip_encoder  # lazy: optional open_clip path
-
-        return build_official_clip_encoder(name.partition(":")[2] or os.environ.get(OPEN_CLIP_WEIGHTS_ENV), config)
-    if name.startswith("checkpoint_tags:"):  # fine-tuning an imported model: its own tag embeddings
-        from ram_model.official.openset import build_checkpoint_bank  # lazy: optional open_clip path
-
-        return build_checkpoint_bank(name.partition(":")[2], config)
-    if name == "none":
-        model = getattr(config, "name", "this model")
-        raise TextEncoderUnavailable(f"{model} has learned tag embeddings (Tag2Text): it scores only its own "
-                                     "tags, no text encoder can add new ones")
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        return getattr(importlib.import_module(module), attr)()
-    raise KeyError(f"unknown text encoder {name!r} (known: minilm, open_clip_ram[:weights], checkpoint_tags:dir, none, module:factory)")
-
-
 def default_cache_dir() -> Path:
     """``$RAMFLOW_CACHE_DIR`` or ``~/.cache/ramflow``; tag embeddings live in ``tag_embeddings/``."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ramflow"

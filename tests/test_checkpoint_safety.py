@@ -9,7 +9,8 @@ import torch
 
 from _train_helpers import labelled_root, write_code_pickle
 from ramflow_io.formats import labels_path
-from ram_model.checkpoint import FORMAT, LEGACY_STATE_FORMAT, load_model, load_state_dict, read_checkpoint
+from ram_model.checkpoint import FORMAT, LEGACY_STATE_FORMAT, load_state_dict, read_checkpoint
+from ram_model.registry import load_model
 from ram_model.backends import UnsafeCheckpointError
 from ram_model.train_stage import RESULT_FILE, TrainStageConfig, train_stage
 from ram_model.trainer import TRAINER_STATE, latest_checkpoint

@@ -112,7 +112,8 @@ def _write_shard(path, samples):
 
 def test_evaluate_and_calibrate_checkpoint_on_shard(tmp_path):
     from _model_helpers import TAGS, tiny_model
-    from ram_model.checkpoint import load_model, save_model
+    from ram_model.checkpoint import save_model
+    from ram_model.registry import load_model
     from ram_model.evaluate import EvaluationConfig, calibrate_checkpoint, evaluate_checkpoint
 
     ckpt = save_model(tiny_model(), tmp_path / "m.pt")

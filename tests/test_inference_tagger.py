@@ -69,9 +69,10 @@ def test_tagger_custom_tags(checkpoint, tmp_path):
 
 
 def test_tag_call_with_custom_list_restores_tag_set(checkpoint, tmp_path, monkeypatch):
+    import ram_model.registry as registry
     import ram_model.text_encoder as te
 
-    monkeypatch.setattr(te, "build_text_encoder", lambda name: FakeTextEncoder())
+    monkeypatch.setattr(registry, "build_text_encoder", lambda name: FakeTextEncoder())
     monkeypatch.setenv(te.CACHE_ENV, str(tmp_path))
     tagger = Tagger.from_checkpoint(checkpoint)
     res = tagger.tag(_images(tmp_path)[:1], threshold=0.0, tags=["dog", "kite"])
@@ -80,10 +81,11 @@ def test_tag_call_with_custom_list_restores_tag_set(checkpoint, tmp_path, monkey
 
 
 def test_cli_tag_caption_models(checkpoint, tmp_path, capsys, monkeypatch):
+    import ram_model.registry as registry
     import ram_model.text_encoder as te
     from orchestration.cli import main
 
-    monkeypatch.setattr(te, "build_text_encoder", lambda name: FakeTextEncoder())
+    monkeypatch.setattr(registry, "build_text_encoder", lambda name: FakeTextEncoder())
     monkeypatch.setenv(te.CACHE_ENV, str(tmp_path / "cache"))
     paths = [str(p) for p in _images(tmp_path)[2:]]
     assert main(["tag", *paths, "--checkpoint", str(checkpoint), "--threshold", "0"]) == 0

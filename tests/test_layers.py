@@ -140,3 +140,85 @@ def test_the_scan_sees_function_level_and_relative_imports(tmp_path, monkeypatch
     sites = {(s.module, s.in_function, s.marked_lazy) for s in import_sites(mod)}
     assert sites == {("data_engine.x", False, False), ("ram_model.model", True, False),
                      ("engine_rounds", True, True)}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """``{module: modules of ours it imports}``, counting every import (module level and inside
+    functions, lazy or not). ``from pkg import name`` points at ``pkg.name`` when that is a module;
+    a module's import of its own parent package is left out (Python loads the parent first anyway)."""
+    files = {_module_name(f): f for pkg in ALLOWED for f in sorted((ROOT / pkg).rglob("*.py"))
+             if "__pycache__" not in f.parts}
+
+    def resolve(name: str) -> str | None:
+        parts = name.split(".")
+        return next((m for m in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if m in files), None)
+
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, path)
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for target in filter(None, map(resolve, targets)):
+                if target != module and not module.startswith(target + "."):
+                    graph[module].add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_no_import_cycles_even_through_lazy_imports():
+    """Lazy imports exist for start-up time only: counting them too, no module of ours reaches
+    itself through its imports (a cycle would be what a function-level import used to hide)."""
+    cycles = import_cycles(module_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert len(module_graph()) > 50 and any(module_graph().values())

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from _model_helpers import TAGS, tiny_model
-from ram_model.checkpoint import FORMAT, LEGACY_STATE_FORMAT, load_model, load_state_dict, read_checkpoint, save_model
+from ram_model.checkpoint import FORMAT, LEGACY_STATE_FORMAT, load_state_dict, read_checkpoint, save_model
+from ram_model.registry import load_model
 from ram_model.tokenizer import WordTokenizer
 
 
@@ -31,15 +32,15 @@ def test_checkpoint_keeps_its_config_when_registry_defaults_change(tmp_path, mon
     depth) does not change the model that loads, and the weights still load strictly."""
     import dataclasses
 
-    from ram_model import registry
+    from ram_model import configs
 
     model = tiny_model().eval()
     path = save_model(model, tmp_path / "m.pt")
     assert read_checkpoint(path)["config"]["decoder_layers"] == model.config.decoder_layers == 2
-    changed = dict(registry.MODEL_CONFIGS)
+    changed = dict(configs.MODEL_CONFIGS)
     changed["ram_tiny"] = dataclasses.replace(changed["ram_tiny"], decoder_layers=3, tag_prior=None)
-    monkeypatch.setattr(registry, "MODEL_CONFIGS", changed)
-    assert registry.get_config("ram_tiny").decoder_layers == 3
+    monkeypatch.setattr(configs, "MODEL_CONFIGS", changed)
+    assert configs.get_config("ram_tiny").decoder_layers == 3
     loaded = load_model(path)
     assert loaded.config == model.config and len(loaded.tagging_head) == 2
     x = torch.randn(1, 3, 96, 96)

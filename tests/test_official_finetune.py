@@ -13,7 +13,7 @@ import torch
 
 from ramflow_io import formats
 from data_engine.label_system import LabelSystem
-from ram_model.checkpoint import load_model
+from ram_model.registry import load_model
 from ram_model.official.importer import OfficialImportConfig, import_official
 from ram_model.official.layout import export_official_state
 from ram_model.official.resources import OfficialTagSet

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ram_model.checkpoint import load_model, read_checkpoint
+from ram_model.checkpoint import read_checkpoint
+from ram_model.registry import load_model
 from ram_model.official.importer import OfficialImportConfig, build_from_official_state, import_official
 from ram_model.official.layout import COMPUTED_BUFFERS, LayoutError, export_official_state, unwrap_state
 from ram_model.official.resources import MODEL_NAMES, OfficialTagSet, key_list, official_tag_set

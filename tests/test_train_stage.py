@@ -75,7 +75,7 @@ def test_deepspeed_zero2_with_two_processes(root, tmp_path, monkeypatch):
 
 def test_ram_tiny_stage_calibrates_evaluates_and_exports(root, tmp_path, monkeypatch):
     """The registry model end to end: train, calibrate on held-out keys, test mAP, model.pt."""
-    from ram_model.checkpoint import load_model
+    from ram_model.registry import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data_root = tmp_path / "dr"
@@ -107,7 +107,7 @@ def test_engine_adaptation_fine_tunes_through_the_trainer(root, tmp_path, monkey
     import torch
 
     from engine_rounds.adapt import adapt_model, trained_on
-    from ram_model.checkpoint import load_model
+    from ram_model.registry import load_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data_root = tmp_path / "dr"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ram_model.backends import (Backend, BackendSettings, DistInfo, default_device, ensure_process_group,
+from ram_model.backends.base import (Backend, BackendSettings, DistInfo, default_device, ensure_process_group,
                                 ensure_torch_extensions_dir, load_tensors, make_scheduler, move_to, param_groups,
                                 scalar_outputs)
 
@@ -28,9 +28,9 @@ def checkpoint_classes() -> list[type]:
     """The only non-primitive classes DeepSpeed's ZeRO-1/2 optimizer files hold (measured on
     0.19: a dataclass of two ints, an enum and the loss scaler's attribute holder). They are
     allowed by name for weights-only loads; anything else in a file is refused."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # lazy: deepspeed, only when its checkpoints are read
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # lazy: deepspeed, only when its checkpoints are read
+    from deepspeed.utils.tensor_fragment import fragment_address  # lazy: deepspeed, only when its checkpoints are read
 
     return [fragment_address, ZeroStageEnum, LossScaler]
 
@@ -77,7 +77,7 @@ class DeepSpeedBackend(Backend):
         # Must be set before deepspeed is imported: it picks its accelerator at import time.
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
         ensure_torch_extensions_dir()
-        import deepspeed
+        import deepspeed  # lazy: deepspeed, only this backend; DS_ACCELERATOR must be set first
 
         self.settings, self.dist = settings, dist
         self.device = default_device(dist)

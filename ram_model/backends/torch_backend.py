@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ram_model.backends import (Backend, BackendSettings, DistInfo, default_device, ensure_process_group,
+from ram_model.backends.base import (Backend, BackendSettings, DistInfo, default_device, ensure_process_group,
                                 load_tensors, make_scheduler, move_to, param_groups, scalar_outputs)
 
 log = logging.getLogger(__name__)

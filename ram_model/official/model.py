@@ -30,7 +30,7 @@ from ram_model import fast_tag  # inference without autograd: same logits, packe
 from ram_model.backbones import create_backbone
 from ram_model.generation import BertLayer, OfficialCaptionDecoder, OfficialTagEncoder
 from ram_model.model import RamModel, TagDecode
-from ram_model.registry import RamConfig
+from ram_model.configs import RamConfig
 from ram_model.tokenizer import build_tokenizer
 
 ARCHS = ("ram", "ram_plus", "tag2text")
