@@ -20,6 +20,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ram_model.tracking import mlflow_store
+
 from .settings import RegistryConfig, StageEnv
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,9 @@ FINGERPRINT_TAG = "ramflow.fingerprint"
 
 
 def _client(env: StageEnv):
+    """A client bound to this data root's store (MLflow's process-wide URIs are left alone)."""
     import mlflow  # lazy: mlflow, CLI start-up
 
-    mlflow.set_tracking_uri(env.tracking_uri())
-    mlflow.set_registry_uri(env.tracking_uri())
     return mlflow.MlflowClient(env.tracking_uri(), env.tracking_uri())
 
 
@@ -174,7 +175,8 @@ def register_and_gate(env: StageEnv, cfg: RegistryConfig, model_uri: str, value:
             return _reused_decision(env, cfg, existing, model_uri, value)
     current = champion(env, cfg)
     tags = {cfg.metric: repr(float(value)), **({FINGERPRINT_TAG: fingerprint} if fingerprint else {})}
-    mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+    with mlflow_store(env.tracking_uri()):
+        mv = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
     client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, mv.version)
     promoted, reason = gate(float(value), current[1] if current else None, cfg.tolerance)
     if promoted:

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ram_model.checkpoint import resolve_checkpoint
 from ram_model.inference import Tagger
 from ram_model.text_encoder import TagEmbeddingCache
+from ram_model.tracking import mlflow_store
 from ramflow_io.formats import list_shards
 from ramflow_io.shards import iter_samples
 
@@ -253,12 +254,10 @@ def log_pyfunc(model_dir: str | Path, run_id: str | None, tracking_uri: str | No
                example: Sequence[str] | None = None) -> str:
     """Log the model of ``model_dir`` (a model folder or checkpoint file) as a pyfunc model in
     ``run_id`` with signature and an input example (images of ``data_root``); returns its uri."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     checkpoint = resolve_checkpoint(model_dir)  # only the exported model file, not training checkpoints
     examples = list(example) if example is not None else example_images(data_root, 1) if data_root is not None else []
     example = (pd.DataFrame({IMAGE_COLUMN: examples}), {"threshold": 0.5}) if examples else None
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with mlflow_store(tracking_uri), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pyfunc.log_model(
             name=name, python_model=RamTaggerModel(), artifacts={"checkpoint": str(checkpoint)},
             signature=SIGNATURE, input_example=example,

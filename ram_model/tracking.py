@@ -9,6 +9,7 @@ so a stage can nest under a pipeline run created by another process: pass its id
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "ramflow"
+STORE_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # what mlflow.set_*_uri export
 
 
 def tracking_uri(data_root: str | Path, uri: str | None = None) -> str:
@@ -40,6 +42,37 @@ def artifact_root(data_root: str | Path) -> str:
     path = Path(data_root).resolve() / "mlflow" / "artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path.as_uri()
+
+
+@contextlib.contextmanager
+def mlflow_store(uri: str | None):
+    """MLflow's process-wide tracking and registry URIs set to ``uri`` for the block, then put back
+    as they were (``uri=None``: left alone).
+
+    MLflow's fluent calls (``mlflow.pyfunc.log_model``, ``mlflow.register_model``: the only ones
+    that resolve ``runs:/`` and ``models:/`` URIs) read the process-wide URIs, and setting them
+    also exports ``$MLFLOW_TRACKING_URI`` / ``$MLFLOW_REGISTRY_URI``, which :func:`tracking_uri`
+    honours. Setting them only around those calls keeps one data root's logging from redirecting
+    what the process tracks afterwards (another data root, a notebook, the tests). The state
+    before is read from those variables: MLflow exports every URI it is given there."""
+    if uri is None:
+        yield
+        return
+    import mlflow  # lazy: mlflow (~1.5 s); tracking loads light for the CLIs
+
+    before = {name: os.environ.get(name) for name in STORE_ENV}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: MLflow's default again
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])  # None: follows the tracking URI
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _client(uri: str):

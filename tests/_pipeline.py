@@ -35,6 +35,7 @@ class TinyPipeline:
     parent: str          # the MLflow pipeline (parent) run id
     env: Any             # orchestration.settings.StageEnv (data_root = repo/data)
     instance: Any        # the ephemeral DagsterInstance the run used
+    outputs: dict | None = None  # _golden.digest of data/ right after the run (later tests may rewrite it)
 
     @property
     def data_root(self) -> Path:
@@ -77,7 +78,10 @@ def run_tiny_pipeline(tmp: Path) -> TinyPipeline:
         mp.setenv("DAGSTER_HOME", str(home))
         result, parent, env = run_pipeline(repo / "params.yaml", data_root=str(repo / "data"),
                                            instance=instance, raise_on_error=False)
-    return TinyPipeline(repo, repo / "params.yaml", result, parent, env, instance)
+    from _golden import digest
+
+    outputs = digest(repo / "data") if result.success else None
+    return TinyPipeline(repo, repo / "params.yaml", result, parent, env, instance, outputs)
 
 
 def relocate_mlflow_store(db: Path, old: Path, new: Path) -> int:

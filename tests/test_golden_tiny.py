@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _golden import differences, digest, load_golden
+from _golden import differences, load_golden
 
 
 @pytest.fixture(scope="module")
 def found(tiny_pipeline):
+    """The digest taken right after the session's run (tests that re-materialize stages of the
+    shared run, e.g. test_orchestration's reuse test, rewrite its registry decision later)."""
     assert tiny_pipeline.result.success, "the tiny pipeline failed"
-    return digest(tiny_pipeline.data_root)
+    assert tiny_pipeline.outputs is not None
+    return tiny_pipeline.outputs
 
 
 @pytest.fixture(scope="module")

@@ -267,6 +267,7 @@ def test_register_puts_an_imported_model_in_the_registry_as_a_serving_pyfunc(tmp
 
     from orchestration.cli import main
     from ram_model.serving import IMAGE_COLUMN, encode_image
+    from ram_model.tracking import mlflow_store
 
     model, tags = tiny_official("ram")
     torch.save({"model": export_official_state(model)}, tmp_path / "ram.pth")
@@ -277,8 +278,8 @@ def test_register_puts_an_imported_model_in_the_registry_as_a_serving_pyfunc(tmp
                  "--tracking-uri", uri]) == 0
     registered = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["registered"]
     assert registered["name"] == "ram-official-ram" and registered["version"] == "1"
-    mlflow.set_tracking_uri(uri)
-    pyfunc = mlflow.pyfunc.load_model("models:/ram-official-ram/1")
+    with mlflow_store(uri):
+        pyfunc = mlflow.pyfunc.load_model("models:/ram-official-ram/1")
     image = Image.fromarray((np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8))
     out = pyfunc.predict(pd.DataFrame({IMAGE_COLUMN: [encode_image(image)]}), params={"threshold": 0.0})
     assert sorted(out["tags"][0]) == sorted(tags.names)

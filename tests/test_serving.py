@@ -61,8 +61,10 @@ def logged_model(tmp_path_factory, corpus_images):
 
 @pytest.fixture(scope="module")
 def pyfunc(logged_model):
-    mlflow.set_tracking_uri(logged_model[0])
-    return mlflow.pyfunc.load_model("models:/ram-tagger@champion")
+    from ram_model.tracking import mlflow_store
+
+    with mlflow_store(logged_model[0]):
+        return mlflow.pyfunc.load_model("models:/ram-tagger@champion")
 
 
 def test_signature_and_input_example(pyfunc):

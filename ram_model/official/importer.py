@@ -24,6 +24,7 @@ from ram_model.official.layout import LayoutError, map_official_state, unwrap_st
 from ram_model.official.resources import MODEL_NAMES, OfficialTagSet, official_tag_set
 from ram_model.registry import create_unfilled_model
 from ram_model.serving import log_pyfunc
+from ram_model.tracking import mlflow_store
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,9 @@ def register_imported(model_dir: Path, name: str, tracking_uri: str | None = Non
     for the promotion gate). Returns the model uri and version."""
     import mlflow  # lazy: mlflow, only with --register
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     uri = log_pyfunc(model_dir, run_id=None, tracking_uri=tracking_uri, example=[])
-    version = mlflow.register_model(uri, name, tags={"ramflow.source": SOURCE})
+    with mlflow_store(tracking_uri):
+        version = mlflow.register_model(uri, name, tags={"ramflow.source": SOURCE})
     log.info("registered %s v%s (%s)", name, version.version, uri)
     return {"name": name, "version": str(version.version), "model_uri": uri}
 
