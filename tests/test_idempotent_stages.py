@@ -83,6 +83,7 @@ def _finetuned(env, weights: bytes, mAP: float) -> None:
 
     from orchestration.model_registry import experiment_id
     from orchestration.pipeline import report_path
+    from ram_model.tracking import mlflow_store
 
     class Constant(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input, params=None):
@@ -91,8 +92,7 @@ def _finetuned(env, weights: bytes, mAP: float) -> None:
     folder = model_dir(env.data_root, "finetuned_model")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pt").write_bytes(weights)
-    mlflow.set_tracking_uri(env.tracking_uri())
-    with mlflow.start_run(experiment_id=experiment_id(env)) as run:
+    with mlflow_store(env.tracking_uri()), mlflow.start_run(experiment_id=experiment_id(env)) as run:
         info = mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
     (folder / "mlflow_model.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": info.model_uri}))
     report = report_path(env.data_root, "evaluation_report")

@@ -226,16 +226,15 @@ def test_champion_is_registered_and_serves(tiny_run):
     from ramflow_io.formats import label_system_dir
     from data_engine.label_system import LabelSystem
     from ram_model.serving import example_images
+    from ram_model.tracking import mlflow_store
 
     _, _, env, *_ = tiny_run
     client = mlflow.MlflowClient(env.tracking_uri(), env.tracking_uri())
     champion = client.get_model_version_by_alias("ram-tagger", "champion")
     challenger = client.get_model_version_by_alias("ram-tagger", "challenger")
     assert str(champion.version) == str(challenger.version) == "1"
-    # both URIs: other tests of the session register models in copies of this run (their own stores)
-    mlflow.set_tracking_uri(env.tracking_uri())
-    mlflow.set_registry_uri(env.tracking_uri())
-    model = mlflow.pyfunc.load_model("models:/ram-tagger@champion")
+    with mlflow_store(env.tracking_uri()):  # this run's store for the block, the session's after it
+        model = mlflow.pyfunc.load_model("models:/ram-tagger@champion")
     out = model.predict(pd.DataFrame({"image": example_images(env.data_root, 3)}), params={"threshold": 0.0})
     names = set(LabelSystem.load(label_system_dir(env.data_root)).names)
     assert len(out) == 3 and all(set(t) == names for t in out["tags"])

@@ -366,7 +366,9 @@ def _check_concurrent_mix(url: str, corpus_images: list[str]) -> None:
 
 
 def _server_env(logged_model, tmp_path) -> dict:
-    return dict(os.environ, MLFLOW_TRACKING_URI=logged_model[0], RAMFLOW_CACHE_DIR=str(tmp_path / "cache"),
+    # both URIs: a registry URI another test left in the environment must not redirect models:/ lookups
+    return dict(os.environ, MLFLOW_TRACKING_URI=logged_model[0], MLFLOW_REGISTRY_URI=logged_model[0],
+                RAMFLOW_CACHE_DIR=str(tmp_path / "cache"),
                 PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
