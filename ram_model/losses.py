@@ -25,6 +25,7 @@ def asymmetric_loss(
     focal_grad: bool = False,
     reject_negatives: float = 0.0,
     complete_rows: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Asymmetric loss (Ridnik et al. 2021) for multi-label logits ``[B, C]``.
 
@@ -33,7 +34,8 @@ def asymmetric_loss(
     The focusing weight is computed without gradient unless ``focal_grad`` (as RAM does).
     ``reject_negatives``: fraction of the batch's negative entries with the largest loss that
     are left out (see :func:`large_loss_mask`); ``complete_rows`` ``[B]`` bool marks images whose
-    labels are complete, whose negatives are never left out. ``reduction``: ``"sum"`` (RAM), ``"batchmean"``
+    labels are complete, whose negatives are never left out. ``weights [B, C]`` scales each entry's
+loss (sampled negatives, padding at 0; see :mod:`ram_model.query_sampling`). ``reduction``: ``"sum"`` (RAM), ``"batchmean"``
     (sum over tags / B) or ``"mean"`` (over the entries kept).
     """
     targets = targets.to(logits.dtype)
@@ -51,8 +53,12 @@ def asymmetric_loss(
     loss = -loss  # [B, C]
     keep = None
     if reject_negatives > 0:
-        keep = large_loss_mask(loss, targets, reject_negatives, complete_rows)  # [B, C], 0 = left out
+        keep = large_loss_mask(loss, targets, reject_negatives, complete_rows, weights)  # [B, C], 0 = left out
         loss = loss * keep
+    if weights is not None:
+        weights = weights.to(loss.dtype)
+        loss = loss * weights
+        keep = weights if keep is None else keep * weights  # what each entry counts for in "mean"
     if reduction == "sum":
         return loss.sum()
     if reduction == "batchmean":
@@ -63,7 +69,8 @@ def asymmetric_loss(
 
 
 def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float,
-                    complete_rows: torch.Tensor | None = None) -> torch.Tensor:
+                    complete_rows: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, C]`` mask (1 = keep) that drops the ``fraction`` of negative entries with the largest loss.
 
     Captions leave tags out, so a parsed label set is missing positives, and training on it
@@ -72,7 +79,8 @@ def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float,
     rejecting them each batch is "LL-R" of Kim et al., "Large Loss Matters in Weakly Supervised
     Multi-Label Classification" (CVPR 2022). Positives are always kept, and so are the negatives
     of ``complete_rows`` (``[B]`` bool: images with complete labels, e.g. the clean split mixed
-    into training); ``fraction`` is then a fraction of the other rows' negatives.
+    into training); ``fraction`` is then a fraction of the other rows' negatives. Entries of
+    ``weights`` 0 (padding) are not negatives; with sampled negatives the fraction is of those drawn.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"reject fraction must be in [0, 1), got {fraction}")
@@ -80,6 +88,8 @@ def large_loss_mask(loss: torch.Tensor, targets: torch.Tensor, fraction: float,
     negative = targets <= 0  # [B, C]
     if complete_rows is not None:
         negative = negative & ~complete_rows.to(torch.bool)[:, None]
+    if weights is not None:
+        negative = negative & (weights > 0)
     k = int(fraction * int(negative.sum()))
     if k == 0:
         return keep

@@ -167,15 +167,18 @@ class RamModel(nn.Module):
         # label_embed [C, text_dim]: a tag set passed per call (pure: the model's own set is not touched)
         table = self.label_embed if label_embed is None else label_embed.to(self.label_embed.device,
                                                                             self.label_embed.dtype)
+        # tag_ids [K] (one subset for every image) or [B, K] (a subset per image)
         emb = table if tag_ids is None else table[torch.as_tensor(tag_ids, dtype=torch.long, device=table.device)]
-        queries = F.relu(self.wordvec_proj(emb))  # [C, decoder_dim]
+        queries = F.relu(self.wordvec_proj(emb))  # [C, decoder_dim] or [B, K, decoder_dim]
         return queries if self.query_norm is None else self.query_norm(queries)
 
     def _decode_tags(self, tokens: torch.Tensor, tag_ids=None, need_weights: bool = False,
                      label_embed: torch.Tensor | None = None) -> TagDecode:
-        """tokens ``[B, N, image_dim]`` -> logits ``[B, C]`` (+ last-layer attention ``[B, C, N]``)."""
+        """tokens ``[B, N, image_dim]`` -> logits ``[B, C]`` (+ last-layer attention ``[B, C, N]``).
+
+        ``tag_ids``: ``[K]`` scores that subset for every image, ``[B, K]`` a subset per image."""
         queries = self._queries(tag_ids, label_embed)
-        x = queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        x = queries if queries.ndim == 3 else queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [B, K, D]
         weights = None
         for i, layer in enumerate(self.tagging_head):
             last = i == len(self.tagging_head) - 1
@@ -273,25 +276,33 @@ class RamModel(nn.Module):
         branch is enabled), ``parse_targets [B, C]`` (tags conditioning the captioner, default
         ``tag_targets``), ``teacher_embedding [B, Dt]`` (else the configured teacher computes it),
         ``reject_negatives`` (float: fraction of negative labels with the largest tag loss left out),
-        ``complete_labels [B]`` (bool: rows whose labels are complete, never left out).
+        ``complete_labels [B]`` (bool: rows whose labels are complete, never left out),
+        ``tag_ids [K]`` or ``[B, K]`` (train only these queries: ``tag_targets`` is then ``[B, K]``
+        over them) with ``tag_weights [B, K]`` (per-entry loss weights; see
+        :mod:`ram_model.query_sampling`).
         Returns scalar ``loss`` plus ``loss_tag`` / ``loss_caption`` / ``loss_distill`` when computed.
         """
         c = self.config
         images, targets = batch["image"], batch["tag_targets"]
-        if targets.ndim != 2 or targets.shape[1] != self.num_tags:
-            raise ValueError(f"tag_targets must be [B, {self.num_tags}], got {tuple(targets.shape)}")
+        tag_ids = batch.get("tag_ids")
+        width = self.num_tags if tag_ids is None else tag_ids.shape[-1]
+        if targets.ndim != 2 or targets.shape[1] != width:
+            raise ValueError(f"tag_targets must be [B, {width}], got {tuple(targets.shape)}")
         tokens, _ = self.encode_image(images)
-        logits, _ = self._decode_tags(tokens)
+        logits, _ = self._decode_tags(tokens, tag_ids)  # [B, C] or [B, K]
         reject = float(batch.get("reject_negatives", 0.0))
         out = {"loss_tag": asymmetric_loss(logits, targets, c.gamma_neg, c.gamma_pos, c.asl_clip, c.asl_eps,
                                            c.asl_reduction, reject_negatives=reject,
-                                           complete_rows=batch.get("complete_labels"))}
+                                           complete_rows=batch.get("complete_labels"),
+                                           weights=batch.get("tag_weights"))}
         loss_caption = loss_distill = None
         if c.caption and batch.get("caption_ids") is not None:
             ids = batch["caption_ids"]
             mask = batch.get("caption_mask")
             mask = (ids != self.tokenizer.pad_id).long() if mask is None else mask
             cond = batch.get("parse_targets")
+            if cond is None and tag_ids is not None:
+                raise ValueError("a batch with tag_ids needs parse_targets [B, C] to condition the captioner")
             caption_tokens = tokens if c.caption_encoder_grad else tokens.detach()  # [B, N, image_dim]
             memory, mem_mask = self._condition(caption_tokens, targets if cond is None else cond)
             lm_logits = self.text_decoder(ids[:, :-1], memory, mem_mask, mask[:, :-1])  # [B, L-1, V]

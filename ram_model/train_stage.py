@@ -30,8 +30,9 @@ import torch
 from ram_model import checkpoint as ckpt_io, evaluate
 from ram_model.backends import UnsafeCheckpointError, dist_info_from_env, ensure_torch_extensions_dir, free_port
 from ram_model.checkpoint import file_sha256, read_checkpoint
-from ram_model.data import (AugmentConfig, ShardInfo, TrainLoader, index_shards, iter_eval_batches,
-                            load_label_table, multi_hot)
+from ram_model.data import (AugmentConfig, ShardInfo, TrainLoader, index_shards, is_validation_key,
+                            iter_eval_batches, load_label_table, multi_hot)
+from ram_model.query_sampling import observed_tags
 from ram_model.registry import create_model, get_config
 from ram_model.tokenizer import WordTokenizer, tokenizer_from_state
 from ram_model.tracking import RunTracker, plot_loss_curves, run_is_finished
@@ -306,6 +307,19 @@ def config_init(cfg: TrainStageConfig, data_root: Path) -> Path | None:
     return path
 
 
+def trained_tags(cfg: TrainStageConfig, loader: TrainLoader) -> torch.Tensor | None:
+    """``[C]`` bool of the tags a step trains under ``train_tags: observed``: those that a label
+    of a training image names (validation and reserved keys do not count); None for ``all``."""
+    if cfg.train_tags == "all":
+        return None
+    table = loader.labels
+    lists = [ids for key, ids in table.tags.items()
+             if key not in loader.reserved_keys and not is_validation_key(key, loader.validation_fraction)]
+    seen = observed_tags(lists, table.num_classes)
+    log.info("train_tags: observed: %d of %d tags have a training label", int(seen.sum()), table.num_classes)
+    return seen
+
+
 def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: Path | Sequence[Path],
                 init_from: Path | None = None, parent_run_id: str | None = None,
                 evaluate_after: bool = True) -> TrainResult:
@@ -360,7 +374,8 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
                          parent_run_id=parent_run_id, rank=dist.rank,
                          run_id=resumed.state.get("mlflow_run_id") or None if resumed else None,
                          tags={"ramflow.stage": out_dir.name, "ramflow.backend": cfg.backend})
-    trainer = Trainer(model, loader, cfg, out_dir, tracker=tracker, dist=dist)
+    trainable = trained_tags(cfg, loader)
+    trainer = Trainer(model, loader, cfg, out_dir, tracker=tracker, dist=dist, trainable_tags=trainable)
     if resumed:
         trainer.resume(fingerprint)
         trainer.state.mlflow_run_id = tracker.run_id or trainer.state.mlflow_run_id
@@ -368,6 +383,7 @@ def train_stage(cfg: TrainStageConfig, data_root: Path, out_dir: Path, labels: P
     tracker.log_params({"stage": cfg.model_dump(mode="json"), "world_size": dist.world_size,
                         "grad_accum_steps": trainer.accum, "total_steps": trainer.total_steps,
                         "label_source": loader.labels.source_column, "num_classes": len(names),
+                        "trained_classes": len(names) if trainable is None else int(trainable.sum()),
                         "init_from": str(init) if init else "scratch",
                         "data": dict(loader.counts)})
     try:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ram_model.backends import (CHECKPOINT_READ_ERRORS, BackendSettings, DistInfo, build_backend,
                                 dist_info_from_env, load_tensors)
 from ram_model.data import TrainLoader, is_validation_key
+from ram_model.query_sampling import select_queries
 from ram_model.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ class TrainStageConfig(BaseModel):
     # tag loss out (LL-R, see ram_model.losses.large_loss_mask), from `reject_start` of training on
     missing_label_rejection: float = Field(0.0, ge=0.0, lt=1.0)
     reject_start: float = Field(0.33, ge=0.0, le=1.0)
+    # which tag queries a step trains (ram_model.query_sampling): "observed" leaves out the tags no
+    # training label names; sampled_negatives=K runs each image's positives plus K weighted negatives
+    train_tags: Literal["all", "observed"] = "all"
+    sampled_negatives: int | None = Field(None, ge=1)
     eval_split: str = "test"
     eval_batch_size: int = 64
     eval_max_samples: int | None = None
@@ -279,8 +284,11 @@ class Trainer:
     """Train ``model`` with ``loader`` through the training backend named in ``cfg``."""
 
     def __init__(self, model: nn.Module, loader: TrainLoader, cfg: TrainStageConfig, out_dir: Path,
-                 tracker: RunTracker | None = None, dist: DistInfo | None = None) -> None:
+                 tracker: RunTracker | None = None, dist: DistInfo | None = None,
+                 trainable_tags: torch.Tensor | None = None) -> None:
         self.cfg, self.loader, self.out_dir = cfg, loader, Path(out_dir)
+        # [C] bool: the tags a step may train (train_tags: observed); None = every tag
+        self.trainable_tags = trainable_tags
         self.dist = dist or dist_info_from_env()
         self.tracker = tracker
         self.accum = grad_accum_steps(cfg, self.dist.world_size)
@@ -303,13 +311,22 @@ class Trainer:
         self.caption_max_len = cfg.caption_max_len or int(getattr(model_cfg, "max_caption_len", 40))
 
     # ------------------------------------------------------------------ batches
-    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Loader batch -> model batch (adds caption tokens and the rejection rate; drops keys/captions)."""
+    def _prepare(self, batch: dict[str, Any], micro: int = 0) -> dict[str, Any]:
+        """Loader batch -> model batch (adds caption tokens, the rejection rate and the trained tag
+        queries; drops keys/captions). ``micro``: the batch's index in its accumulation group."""
         out = {k: batch[k] for k in ("image", "tag_targets", "parse_targets")}
         if self.cfg.missing_label_rejection > 0 and self.state.step >= self.cfg.reject_start * self.total_steps:
             out["reject_negatives"] = self.cfg.missing_label_rejection
             if "complete_labels" in batch:
                 out["complete_labels"] = batch["complete_labels"]  # [B] bool: these rows keep every negative
+        if self.trainable_tags is not None or self.cfg.sampled_negatives is not None:
+            # seeded by the batch's place in the run: a resumed run draws the same negatives
+            place = (self.state.step * self.accum + micro) * self.dist.world_size + self.dist.rank
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + place)
+            q = select_queries(out["tag_targets"], self.trainable_tags, self.cfg.sampled_negatives, gen)
+            out["tag_ids"], out["tag_targets"] = q.tag_ids, q.targets  # [K] or [B, K]; [B, K]
+            if q.weights is not None:
+                out["tag_weights"] = q.weights  # [B, K]
         tokenizer = getattr(self.backend.module, "tokenizer", None)
         if self.cfg.caption and tokenizer is not None:
             ids, mask = tokenizer.encode(batch["captions"], self.caption_max_len)
@@ -414,7 +431,7 @@ class Trainer:
             batches = self.loader.iter_epoch(st.epoch, skip=st.micro_in_epoch)
             group: list[dict[str, Any]] = []
             for batch in batches:
-                group.append(self._prepare(batch))
+                group.append(self._prepare(batch, len(group)))
                 if len(group) < self.accum:
                     continue
                 stats = self.backend.train_step(group)

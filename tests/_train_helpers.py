@@ -103,7 +103,11 @@ class TinyTagger(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         feat = self.drop(torch.relu(self.conv(batch["image"])).mean((2, 3)))  # [B,8]
         logits = self.tag_head(feat)  # [B,C]
-        loss_tag = nn.functional.binary_cross_entropy_with_logits(logits, batch["tag_targets"])
+        ids = batch.get("tag_ids")  # [K] or [B,K]: the trained subset (ram_model.query_sampling)
+        if ids is not None:
+            logits = logits[:, ids] if ids.ndim == 1 else logits.gather(1, ids)  # [B,K]
+        loss_tag = nn.functional.binary_cross_entropy_with_logits(logits, batch["tag_targets"],
+                                                                  weight=batch.get("tag_weights"))
         out = {"logits": logits, "loss_tag": loss_tag}
         loss = loss_tag
         if "caption_ids" in batch:
