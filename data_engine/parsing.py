@@ -215,6 +215,48 @@ def load_spacy(model: str, exclude: Iterable[str] = (), without_torch: bool = Tr
         set_current_ops(previous)
 
 
+@dataclass(frozen=True)
+class _DocColumns:
+    """What the rules read of every token of one Doc, taken in one ``Doc.to_array`` call:
+    creating a spaCy ``Token`` per token and attribute cost a sixth of the parse time."""
+
+    pos: list[int]                  # [n] coarse POS ids
+    space: list[int]                # [n] 1 = whitespace follows the token
+    may_negate: bool                # a "no" / "without" token or a neg arc: negation rules apply
+    word_candidates: list[int]      # indices of attribute words and verbs
+
+
+@dataclass(frozen=True)
+class _TokenColumns:
+    """The vocabulary ids the column view compares with (one per parser)."""
+
+    attrs: tuple[int, ...]          # spaCy attribute ids: LOWER, POS, DEP, SPACY
+    noun_pos: frozenset[int]        # NOUN, PROPN
+    adj_pos: int
+    verb_pos: int
+    neg_dep: int                    # hash of the "neg" dependency label
+    neg_lowers: frozenset[int]      # hashes of "no", "without"
+    attribute_lowers: frozenset[int]  # hashes of the attribute words
+
+    @classmethod
+    def build(cls, vocab, attribute_words: Iterable[str]) -> _TokenColumns:
+        from spacy.attrs import DEP, LOWER, POS, SPACY  # lazy: spaCy is loaded with the parser
+        from spacy.parts_of_speech import IDS
+
+        strings = vocab.strings
+        return cls((LOWER, POS, DEP, SPACY), frozenset(IDS[p] for p in _NOUN_POS), IDS["ADJ"], IDS["VERB"],
+                   strings.add("neg"), frozenset(strings.add(w) for w in _NEG_WORDS),
+                   frozenset(strings.add(w) for w in attribute_words))
+
+    def of(self, doc) -> _DocColumns:
+        rows = doc.to_array(list(self.attrs)).tolist() if len(doc) else []  # [n, 4]
+        lowers = [r[0] for r in rows]
+        pos = [r[1] for r in rows]
+        may_negate = any(r[2] == self.neg_dep or r[0] in self.neg_lowers for r in rows)
+        words = [i for i, (low, p) in enumerate(zip(lowers, pos)) if low in self.attribute_lowers or p == self.verb_pos]
+        return _DocColumns(pos, [r[3] for r in rows], may_negate, words)
+
+
 class CaptionParser:
     """spaCy-backed caption parser (one per process; not thread-safe).
 
@@ -251,6 +293,7 @@ class CaptionParser:
             self._context_words = frozenset({"glass"} | self.context.kin)
         self._results: collections.OrderedDict[str, tuple[list[str], list[str]]] = \
             collections.OrderedDict()  # cleaned caption -> (tags, categories), LRU
+        self._columns = _TokenColumns.build(self.nlp.vocab, self.attribute_kind)
 
     # -- negation -----------------------------------------------------------------------
     @staticmethod
@@ -265,9 +308,11 @@ class CaptionParser:
                 if c.dep_ == "conj" and (alternative or not any(d.dep_ == "det" for d in c.children)):
                     stack.append(c)
 
-    def _negated(self, doc) -> set[int]:
+    def _negated(self, doc, cols: _DocColumns) -> set[int]:
         """Indices of tokens in a negated mention."""
         neg: set[int] = set()
+        if not cols.may_negate:  # no "no", "without" or neg arc: nothing to do (most captions)
+            return neg
         for tok in doc:
             low = tok.lower_
             if low == "no" and tok.dep_ in ("det", "neg") and tok.head.pos_ in _NOUN_POS | {"ADJ"}:
@@ -336,17 +381,19 @@ class CaptionParser:
         low = tok.lower_
         return bool(self._wn.morphy(low, "n")) and not self._wn.morphy(low, "a")
 
-    def _noun_runs(self, doc) -> Iterator[tuple[int, int]]:
+    def _noun_runs(self, doc, cols: _DocColumns) -> Iterator[tuple[int, int]]:
         """``(first, last)`` token indices of maximal runs of adjacent nouns.
 
         The last noun of a run is its head: runs make compounds robust to parse slips such as
         "fire" (ROOT) <- "hydrant" (amod), which a dependency-only rule would split.
         """
         i, n = 0, len(doc)
+        noun, adj, space = self._columns.noun_pos, self._columns.adj_pos, cols.space
+        pos = cols.pos
         while i < n:
-            if doc[i].pos_ in _NOUN_POS or self._adj_as_noun(doc[i]):
+            if pos[i] in noun or (pos[i] == adj and self._adj_as_noun(doc[i])):
                 j = i
-                while j + 1 < n and doc[j + 1].pos_ in _NOUN_POS and doc[j].whitespace_:
+                while j + 1 < n and pos[j + 1] in noun and space[j]:
                     j += 1
                 k = j
                 while k > i and self._lemma(doc[k]) in self.nonvisual:  # "clocks today"
@@ -380,7 +427,8 @@ class CaptionParser:
 
     def extract(self, doc) -> tuple[list[str], list[str]]:
         """(tags, categories) of one parsed caption."""
-        neg = self._negated(doc)
+        cols = self._columns.of(doc)
+        neg = self._negated(doc, cols)
         used: set[int] = set()
         out: dict[str, str] = {}
 
@@ -389,7 +437,7 @@ class CaptionParser:
                 out[tag] = cat
 
         ctx, facts = self.context, {}
-        for first, last in self._noun_runs(doc):
+        for first, last in self._noun_runs(doc, cols):
             if any(k in neg for k in range(first, last + 1)):
                 used.update(range(first, last + 1))
                 continue
@@ -414,9 +462,10 @@ class CaptionParser:
                 continue
             elif words[-1].replace("-", "").isalpha():
                 add(phrase, "scene" if phrase in self.scenes else "object")
-        for tok in doc:
-            if tok.i in neg or tok.i in used:
+        for i in cols.word_candidates:  # attribute words and verbs: the only tokens the rules below tag
+            if i in neg or i in used:
                 continue
+            tok = doc[i]
             low = tok.lower_
             if low in self.attribute_kind and (tok.pos_ in ("ADJ", "NOUN", "PROPN") or (
                     tok.pos_ == "VERB" and tok.dep_ in ("amod", "acomp"))):  # not "we spotted"
