@@ -163,10 +163,10 @@ def clean_caption(text: str, cfg: ParseConfig) -> tuple[str, tuple[str, ...], st
         cut = text.rfind(" ", 0, cfg.max_chars)
         text = text[: cut if cut > cfg.max_chars // 2 else cfg.max_chars]
         reasons.append("too_long")
-    letters = [ch for ch in text if ch.isalpha()]
-    if not letters:
+    if not any(ch.isalpha() for ch in text):  # stops at the first letter
         return "", tuple(reasons), "empty"
     if not text.isascii():
+        letters = [ch for ch in text if ch.isalpha()]
         ascii_ratio = sum(ch.isascii() for ch in letters) / len(letters)
         if ascii_ratio < cfg.min_ascii_letter_ratio:
             return text, tuple(reasons), "non_english"
